@@ -1,0 +1,229 @@
+"""torch -> ONNX with the dynamo exporter (``torch.onnx.export(..., dynamo=True)``).
+
+What this adds over a bare ``torch.onnx.export`` call:
+
+- dynamic dims come from the spec's *named* dims (``batch``, ``seq``), passed as
+  ``dynamic_shapes`` (keyed positionally, so ``forward()`` argument names need not match);
+- the written graph is checked for dims the exporter silently fixed (it does so when the code needs
+  a concrete size, e.g. a Python loop over time), which is reported as an error with the fix;
+- the model is saved as one file below 1.8 GB (external data ``NAME.onnx.data`` above), so it can be
+  renamed and moved; size on disk counts both files;
+- parity against PyTorch at the example shape *and* at a second, different shape, run in ONNX Runtime.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ..errors import ExportError
+from ..models.spec import SECOND_DIM_SIZES, ModelSpec, TensorSpec
+from ..utils import atomic_dir
+
+DEFAULT_OPSET = 18
+EXTERNAL_DATA_THRESHOLD = int(1.8 * 2**30)
+
+
+@dataclass
+class ExportResult:
+    """Result of :func:`export_onnx`.
+
+    Attributes:
+        path: the ``.onnx`` file.
+        files: every file of the model (``.onnx`` plus external data, if any).
+        opset: the default-domain opset.
+        parity: ``{"example": {...}, "second_shape": {...}}`` each with ``max_abs``, ``max_rel``, ``shape``.
+        dynamic_dims: ``{input: {axis: name}}`` as written in the graph.
+    """
+
+    path: Path
+    files: list[Path]
+    opset: int
+    parity: dict[str, Any] = field(default_factory=dict)
+    dynamic_dims: dict[str, dict[int, str]] = field(default_factory=dict)
+
+
+def _dynamic_shapes(inputs: Sequence[TensorSpec]):
+    import torch
+
+    dims: dict[str, Any] = {}
+    out = []
+    for t in inputs:
+        d = {}
+        for ax, name in t.dynamic_dims.items():
+            if name not in dims:
+                dims[name] = torch.export.Dim(re.sub(r"\W", "_", name), min=1, max=2**20)
+            d[ax] = dims[name]
+        out.append(d or None)
+    return tuple(out)
+
+
+_OP_PATTERNS = [r"(aten[.:]{1,2}[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?)", r"(torch\.ops\.[A-Za-z0-9_.]+)",
+                r"(prim[.:]{1,2}[A-Za-z0-9_]+)"]
+
+
+def _explain_export_failure(exc: BaseException, log: str) -> str:
+    text = f"{exc}\n{log}"
+    op = None
+    for pat in _OP_PATTERNS:
+        m = re.search(pat, text)
+        if m:
+            op = m.group(1)
+            break
+    mod = re.search(r"(?:in|module) ['\"]?((?:[A-Za-z_]\w*\.)*[A-Z]\w*(?:Module|Layer|Block|Net|Attention|LSTM|GRU|Conv\w*|Linear)?)['\"]?\s*\(", text)
+    first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)[:160]
+    hint = ("try a newer opset (--opset), replace data-dependent Python control flow with tensor ops "
+            "(torch.where, cumsum), or export a traced .pt2 first")
+    where = f"operator {op}" if op else (f"module {mod.group(1)}" if mod else "an unsupported construct")
+    return f"ONNX export failed at {where}: {first}; {hint}"
+
+
+def _fixed_dims(model_proto, inputs: Sequence[TensorSpec]) -> list[str]:
+    bad = []
+    by_name = {i.name: i for i in model_proto.graph.input}
+    for t in inputs:
+        gi = by_name.get(t.name)
+        if gi is None:
+            continue
+        dims = gi.type.tensor_type.shape.dim
+        for ax, name in t.dynamic_dims.items():
+            if ax < len(dims) and not dims[ax].dim_param:
+                bad.append(f"dim '{name}' (axis {ax}) of input '{t.name}' was fixed to {dims[ax].dim_value}")
+    return bad
+
+
+def export_onnx(model: Any, spec: ModelSpec, out_path: str | Path, opset: int = DEFAULT_OPSET,
+                check_parity: bool = True, atol: float = 1e-4, rtol: float = 1e-3) -> ExportResult:
+    """Export ``model`` (eval mode) to ``out_path`` and check it.
+
+    Args:
+        model: ``torch.nn.Module`` whose ``forward`` takes ``spec.inputs`` positionally.
+        spec: the model's spec (input names, dtypes, named dynamic dims, output names).
+        out_path: destination ``.onnx`` file; written atomically (temp folder, then rename).
+        opset: default-domain opset (18 unless given).
+        check_parity: run ONNX Runtime at the example shape and at a second shape and compare.
+        atol, rtol: parity tolerance: fail if ``max_abs > atol + rtol * max|reference|``.
+
+    Returns:
+        :class:`ExportResult`.
+
+    Raises:
+        ExportError: the exporter failed (naming the operator or module), a dynamic dim was fixed,
+            or parity failed.
+    """
+    import onnx
+    import torch
+
+    out_path = Path(out_path)
+    model = model.eval()
+    ex = spec.example_inputs()
+    args = tuple(torch.from_numpy(ex[t.name]) for t in spec.inputs)
+    log = io.StringIO()
+    handler = logging.StreamHandler(log)
+    lg = logging.getLogger("torch")
+    lg.addHandler(handler)
+    with tempfile.TemporaryDirectory() as td:
+        raw = Path(td) / "raw.onnx"
+        try:
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+                warnings.simplefilter("ignore")
+                prog = torch.onnx.export(
+                    model, args, dynamo=True, dynamic_shapes=_dynamic_shapes(spec.inputs),
+                    opset_version=opset, input_names=[t.name for t in spec.inputs],
+                    output_names=list(spec.output_names), optimize=True, verbose=False,
+                )
+                prog.save(str(raw))
+        except Exception as e:
+            raise ExportError(_explain_export_failure(e, log.getvalue())) from None
+        finally:
+            lg.removeHandler(handler)
+        mp = onnx.load(str(raw))
+        fixed = _fixed_dims(mp, spec.inputs)
+        if fixed:
+            raise ExportError(
+                f"the exporter made {fixed[0]}: the model needs a concrete size there (e.g. a Python loop over "
+                "time); use cumsum/scan tensor formulations, or declare that dim static in the input spec")
+        mp.producer_name = "deepship"
+        files = save_onnx(mp, out_path)
+    res = ExportResult(out_path, files, opset,
+                       dynamic_dims={t.name: t.dynamic_dims for t in spec.inputs if t.dynamic_dims})
+    if check_parity:
+        res.parity = parity(model, spec, out_path, atol=atol, rtol=rtol)
+    return res
+
+
+def save_onnx(model_proto, out_path: str | Path) -> list[Path]:
+    """Save a ModelProto atomically: one file below 1.8 GB, else ``NAME.onnx`` + ``NAME.onnx.data``.
+
+    Returns the list of files written.
+    """
+    import onnx
+
+    out_path = Path(out_path)
+    big = model_proto.ByteSize() > EXTERNAL_DATA_THRESHOLD if hasattr(model_proto, "ByteSize") else False
+    stage = out_path.parent / f".{out_path.name}.staging"
+    with atomic_dir(stage) as td:
+        tmp = td / out_path.name
+        if big:
+            onnx.save_model(model_proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=out_path.name + ".data", size_threshold=1024)
+        else:
+            onnx.save_model(model_proto, str(tmp))
+    files = []
+    # move the staged files into place: data file first so the .onnx never points at nothing
+    for f in sorted(stage.iterdir(), key=lambda p: p.suffix == ".onnx"):
+        dest = out_path.parent / f.name
+        f.replace(dest)
+        files.append(dest)
+    if not big:
+        (out_path.parent / (out_path.name + ".data")).unlink(missing_ok=True)
+    stage.rmdir()
+    return files
+
+
+def parity(reference: Any, spec: ModelSpec, onnx_path: str | Path, atol: float = 1e-4, rtol: float = 1e-3,
+           sizes: Mapping[str, int] | None = None, seed: int = 1) -> dict[str, Any]:
+    """Compare ONNX Runtime against the torch ``reference`` at the example shape and a second shape.
+
+    Returns:
+        ``{"example": {"shape", "max_abs", "max_rel", "ok"}, "second_shape": {...}, "ok": bool}``.
+        ``max_rel`` is max abs error over max abs reference value.
+
+    Raises:
+        ExportError: outputs differ beyond ``atol + rtol * max|reference|`` (names the output and shape).
+    """
+    from ..runtimes.session import OrtSession, TorchSession
+
+    ort_s = OrtSession(onnx_path, threads=1)
+    tor_s = TorchSession(reference, [t.name for t in spec.inputs], spec.output_names, threads=None)
+    out: dict[str, Any] = {}
+    for label, sz in (("example", None), ("second_shape", sizes or SECOND_DIM_SIZES)):
+        feeds = spec.example_inputs(sz, seed=seed)
+        a = ort_s.run(feeds)
+        b = tor_s.run(feeds)
+        worst = {"max_abs": 0.0, "max_rel": 0.0}
+        for name in spec.output_names:
+            if name not in a or name not in b:
+                continue
+            x, y = np.asarray(a[name], np.float64), np.asarray(b[name], np.float64)
+            if x.shape != y.shape:
+                raise ExportError(f"ONNX output '{name}' has shape {x.shape}, PyTorch {y.shape} at input shapes "
+                                  f"{ {k: v.shape for k, v in feeds.items()} }; a dim was likely fixed during export")
+            err = float(np.abs(x - y).max()) if x.size else 0.0
+            ref = float(np.abs(y).max()) if y.size else 0.0
+            if err > atol + rtol * ref:
+                raise ExportError(f"parity failed for output '{name}' at input shapes "
+                                  f"{ {k: tuple(v.shape) for k, v in feeds.items()} }: max abs error {err:.3g} "
+                                  f"> {atol + rtol * ref:.3g}; check for ops that differ between torch and ONNX")
+            worst = {"max_abs": max(worst["max_abs"], err), "max_rel": max(worst["max_rel"], err / ref if ref else err)}
+        out[label] = {"shape": {k: list(v.shape) for k, v in feeds.items()}, **worst, "ok": True}
+    out["ok"] = True
+    return out

@@ -1,0 +1,220 @@
+"""Bring your own model: ``package.module:factory`` (+ weights), a ``torch.export`` ``.pt2`` file, or an
+``.onnx`` file; and labeled data from an ``.npz`` file.
+
+Weights are read with ``safetensors`` or ``torch.load(weights_only=True)``; nothing is unpickled.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..errors import DataError, InputSpecError, UnknownModelError, WeightsError
+from ..utils import sha256_file
+from .spec import METRICS, Dataset, ModelSpec, Split, TensorSpec, parse_input_spec
+
+_FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+def is_factory_ref(ref: str) -> bool:
+    return bool(_FACTORY_RE.match(ref))
+
+
+def _import_factory(ref: str) -> Callable[[], Any]:
+    mod_name, fn_name = ref.split(":")
+    if "" not in sys.path and "." not in sys.path:
+        sys.path.insert(0, "")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise UnknownModelError(f"cannot import module '{mod_name}' for model '{ref}': {e}; "
+                                "run from the folder that holds it or install it") from None
+    fn = getattr(mod, fn_name, None)
+    if not callable(fn):
+        raise UnknownModelError(f"'{fn_name}' in module '{mod_name}' is not a callable factory; "
+                                "give package.module:function returning an nn.Module")
+    return fn
+
+
+def factory_spec(ref: str, inputs: Sequence[str | TensorSpec], weights: str | None = None,
+                 output_names: Sequence[str] | None = None, name: str | None = None) -> ModelSpec:
+    """Spec for ``package.module:factory``: ``factory()`` returns an ``nn.Module``.
+
+    Args:
+        inputs: input specs (``x:float32[batch,3,32,32]`` or :class:`TensorSpec`), one per
+            ``forward()`` argument, in order. Required.
+        weights: optional safetensors or torch state_dict checkpoint, loaded strictly.
+
+    Raises:
+        UnknownModelError, InputSpecError, WeightsError.
+    """
+    from .train import load_weights
+
+    fn = _import_factory(ref)
+    if not inputs:
+        raise InputSpecError(f"model '{ref}' needs an input spec; pass --input NAME:DTYPE[dims], "
+                             "e.g. --input x:float32[batch,3,32,32]")
+    specs = [i if isinstance(i, TensorSpec) else parse_input_spec(i) for i in inputs]
+
+    def build(arch: Any = None) -> Any:
+        m = fn()
+        if not hasattr(m, "state_dict"):
+            raise UnknownModelError(f"factory '{ref}' returned {type(m).__name__}, not a torch.nn.Module")
+        if weights:
+            load_weights(m, weights)
+        return m.eval()
+
+    if weights and not Path(weights).is_file():
+        raise WeightsError(f"weights file {weights} not found; check the path given to --weights")
+    ident = hashlib.sha256((ref + "|" + (sha256_file(weights) if weights else "-")).encode()).hexdigest()[:16]
+    return ModelSpec(name=name or ref.split(":")[-1], task="other", build=build, inputs=specs,
+                     output_names=list(output_names or ["output"]), weights_path=weights, source="factory",
+                     description=f"user model {ref}" + (f" with weights {Path(weights).name}" if weights else ""),
+                     extra={"identity": ident, "ref": ref})
+
+
+def pt2_spec(path: str, inputs: Sequence[str | TensorSpec] | None = None, name: str | None = None) -> ModelSpec:
+    """Spec for a ``torch.export`` program saved with ``torch.export.save`` (``.pt2``).
+
+    Input specs default to the program's placeholders: symbolic dims become dynamic (axis 0 is
+    named ``batch``, others ``dim<axis>``).
+
+    Raises:
+        UnknownModelError: missing or unreadable file.
+    """
+    import torch
+
+    p = Path(path)
+    if not p.is_file():
+        raise UnknownModelError(f"model file {p} not found; check the path")
+    try:
+        ep = torch.export.load(str(p))
+    except Exception as e:
+        raise UnknownModelError(f"cannot load {p} as a torch.export program ({type(e).__name__}); "
+                                "save it with torch.export.save") from None
+    if inputs:
+        specs = [i if isinstance(i, TensorSpec) else parse_input_spec(i) for i in inputs]
+    else:
+        specs = []
+        user_inputs = ep.graph_signature.user_inputs
+        for node in ep.graph.nodes:
+            if node.op == "placeholder" and node.name in user_inputs:
+                val = node.meta.get("val")
+                dims = tuple(int(d) if isinstance(d, int) or str(d).isdigit() else ("batch" if ax == 0 else f"dim{ax}")
+                             for ax, d in enumerate(val.shape))
+                specs.append(TensorSpec(node.name, dims, str(val.dtype).replace("torch.", "")))
+    outs = [s.arg.name if hasattr(s.arg, "name") else f"output_{i}" for i, s in enumerate(ep.graph_signature.output_specs)]
+
+    def build(arch: Any = None) -> Any:
+        return torch.export.load(str(p)).module()
+
+    return ModelSpec(name=name or p.stem, task="other", build=build, inputs=specs,
+                     output_names=[f"output_{i}" if len(outs) > 1 else "output" for i in range(len(outs))],
+                     source="pt2", description=f"torch.export program {p.name}",
+                     extra={"identity": sha256_file(p)[:16], "path": str(p)})
+
+
+_ONNX_DTYPES = {1: "float32", 10: "float16", 7: "int64", 6: "int32", 9: "bool", 2: "uint8", 3: "int8", 11: "float64"}
+
+
+def onnx_spec(path: str, name: str | None = None) -> ModelSpec:
+    """Spec for an existing ONNX file; dims with a ``dim_param`` (or none) are dynamic.
+
+    Raises:
+        ArtifactError: missing or corrupt file, missing external data.
+    """
+    import onnx
+
+    from ..runtimes.session import check_onnx_file
+
+    check_onnx_file(path)
+    m = onnx.load(str(path), load_external_data=False)
+    init = {i.name for i in m.graph.initializer}
+    specs = []
+    for gi in m.graph.input:
+        if gi.name in init:
+            continue
+        tt = gi.type.tensor_type
+        dims = tuple(d.dim_param if d.dim_param else (int(d.dim_value) if d.dim_value else f"dim{ax}")
+                     for ax, d in enumerate(tt.shape.dim))
+        specs.append(TensorSpec(gi.name, dims, _ONNX_DTYPES.get(tt.elem_type, "float32")))
+    return ModelSpec(name=name or Path(path).stem, task="other", build=None, inputs=specs,
+                     output_names=[o.name for o in m.graph.output], onnx_path=str(path), source="onnx",
+                     description=f"ONNX model {Path(path).name}", extra={"identity": sha256_file(path)[:16]})
+
+
+TARGET_KEYS = ("targets", "labels", "y")
+
+
+def npz_dataset(path: str, spec: ModelSpec) -> Dataset:
+    """Labeled data from an ``.npz``: one array per input name (first axis = sample) and ``targets``
+    (or ``labels``/``y``). Arrays named ``calib_<input>`` (optional) are used for calibration; without
+    them, calibration uses the first half of the samples and evaluation the second half.
+
+    Raises:
+        DataError: missing file or keys, or arrays that do not fit the model's inputs.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"data file {p} not found; give an .npz with one array per input and 'targets'")
+    try:
+        z = dict(np.load(str(p), allow_pickle=False))
+    except Exception as e:
+        raise DataError(f"cannot read {p} as .npz ({type(e).__name__}); save it with numpy.savez") from None
+    missing = [t.name for t in spec.inputs if t.name not in z]
+    if missing:
+        raise DataError(f"data file {p} has no array '{missing[0]}'; it holds {', '.join(sorted(z))}, "
+                        f"the model takes {', '.join(t.name for t in spec.inputs)}")
+    tkey = next((k for k in TARGET_KEYS if k in z), None)
+    inputs = {t.name: z[t.name] for t in spec.inputs}
+    for t in spec.inputs:
+        try:
+            t.check(inputs[t.name][:1] if t.dims and t.dims[0] == "batch" else inputs[t.name])
+        except InputSpecError as e:
+            raise DataError(f"data file {p}: {e}") from None
+    n = len(next(iter(inputs.values())))
+    targets = z[tkey] if tkey else None
+    if all(f"calib_{t.name}" in z for t in spec.inputs):
+        calib = Split({t.name: z[f"calib_{t.name}"] for t in spec.inputs})
+        test = Split(inputs, targets)
+    else:
+        h = max(1, n // 2)
+        calib = Split({k: v[:h] for k, v in inputs.items()})
+        test = Split(inputs, targets)
+    return Dataset(calib, test, source=f"user data {p.name} ({n} samples)")
+
+
+def attach_data(spec: ModelSpec, data: str | None = None, metric: str | None = None,
+                evaluate: Callable[[Any], float] | None = None, higher_is_better: bool | None = None) -> ModelSpec:
+    """Return ``spec`` with user data, metric and/or evaluation function attached.
+
+    Without an explicit metric, integer targets choose ``accuracy`` and float targets ``mse``.
+
+    Raises:
+        DataError: unknown metric name, or bad data.
+    """
+    if metric and metric not in METRICS:
+        raise DataError(f"unknown metric '{metric}'; use one of {', '.join(METRICS)}")
+    kw: dict[str, Any] = {}
+    if data:
+        ds = npz_dataset(data, spec)
+        kw["data"] = lambda: ds
+        if ds.test.targets is not None:
+            m = METRICS[metric] if metric else (METRICS["accuracy"] if np.issubdtype(ds.test.targets.dtype, np.integer)
+                                                else METRICS["mse"])
+            kw["metric"] = m
+            kw["task"] = "classification" if m.name == "accuracy" else "regression"
+    elif metric:
+        raise DataError(f"--metric {metric} needs labeled data; pass --data FILE.npz")
+    if evaluate is not None:
+        from .spec import Metric
+
+        kw["evaluate"] = evaluate
+        kw["metric"] = Metric(getattr(evaluate, "__name__", "score"),
+                              True if higher_is_better is None else higher_is_better, lambda p, y: float("nan"))
+    return spec.replace(**kw)

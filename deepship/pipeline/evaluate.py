@@ -1,0 +1,65 @@
+"""Evaluate a variant on held-out real data and measure its output drift against the FP32 baseline."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..models.spec import SECOND_DIM_SIZES
+
+
+def eval_feeds(ctx) -> tuple[dict[str, np.ndarray], np.ndarray | None, str]:
+    """Held-out inputs and targets, or seeded random inputs (64 samples) when the model has no data."""
+    ds = ctx.dataset()
+    if ds is not None:
+        return ds.test.inputs, ds.test.targets, ds.source
+    return ctx.spec.example_inputs({**SECOND_DIM_SIZES, "batch": 64}, seed=11), None, "64 seeded random inputs"
+
+
+def bench_feeds(ctx, batch: int) -> dict[str, np.ndarray]:
+    """Inputs for timing at ``batch``: real held-out samples (tiled if fewer), else random inputs."""
+    ds = ctx.dataset()
+    if ds is not None:
+        out = {}
+        for k, v in ds.test.inputs.items():
+            reps = int(np.ceil(batch / len(v)))
+            out[k] = np.ascontiguousarray(np.concatenate([v] * reps)[:batch])
+        return out
+    return ctx.spec.example_inputs({"batch": batch}, seed=3)
+
+
+def drift(out: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+    """Output drift against the reference.
+
+    Returns:
+        ``max_abs``, ``mean_abs``, ``max_rel`` (max abs error / max |ref|) and, for 2-D outputs with
+        more than one column, ``top1_agreement`` (fraction of rows with the same argmax).
+    """
+    a, b = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    if a.shape != b.shape:
+        return {"shape_mismatch": 1.0}
+    err = np.abs(a - b)
+    d = {"max_abs": float(err.max()) if err.size else 0.0, "mean_abs": float(err.mean()) if err.size else 0.0,
+         "max_rel": float(err.max() / max(np.abs(b).max(), 1e-12)) if err.size else 0.0}
+    if a.ndim == 2 and a.shape[1] > 1:
+        d["top1_agreement"] = float((a.argmax(1) == b.argmax(1)).mean())
+    return d
+
+
+def evaluate(ctx, session, reference: np.ndarray | None) -> dict[str, Any]:
+    """Run ``session`` over the held-out split.
+
+    Returns:
+        ``{"metric": float|None, "drift": {...}|None, "outputs": np.ndarray}`` where ``outputs`` is the
+        first output over all held-out samples.
+    """
+    feeds, targets, _ = eval_feeds(ctx)
+    out = session.run_batched(feeds, batch_size=256)
+    first = out[session.output_names[0]] if session.output_names[0] in out else next(iter(out.values()))
+    spec = ctx.spec
+    metric = None
+    if spec.evaluate is not None:
+        metric = float(spec.evaluate(session))
+    elif spec.metric is not None and targets is not None:
+        metric = float(spec.metric.fn(first, targets))
+    return {"metric": metric, "drift": drift(first, reference) if reference is not None else None, "outputs": first}

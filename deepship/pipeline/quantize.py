@@ -1,0 +1,268 @@
+"""Quantization methods (ONNX Runtime's quantization tools, and torch for BF16).
+
+| method | library | consumes -> produces | what |
+|---|---|---|---|
+| ``int8-dynamic`` | ``onnxruntime.quantization.quantize_dynamic`` | onnx -> onnx | INT8 weights, activations quantized at run time; ``quant_pre_process`` first (needed for LSTM/GRU of a dynamo export) |
+| ``int8-static`` | ``onnxruntime.quantization.quantize_static`` | onnx -> onnx | QDQ format, INT8 weights (per-channel) and activations, calibrated on real training samples with MinMax, Percentile or Entropy (real histogram bins through ``create_calibrator``) |
+| ``fp16`` | ``onnxruntime.transformers.float16`` | onnx -> onnx | FP16 weights and compute, FP32 inputs/outputs kept; ops without FP16 CPU kernels stay FP32 |
+| ``int4-weight-only`` | ``onnxruntime.quantization.matmul_nbits_quantizer`` | onnx -> onnx | MatMulNBits, 4-bit block-wise weights (RTN), ``accuracy_level`` 4; Gemm is rewritten to MatMul+Add first |
+| ``bf16`` | torch | torch -> torch | weights and compute in bfloat16 (reaches AMX-BF16 tile units on CPUs that have them, where ONNX Runtime has no fast BF16 kernel) |
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import io
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from ..errors import StageError
+
+COMPUTE_OPS = ("Conv", "Gemm", "MatMul", "LSTM", "GRU", "RNN", "ConvTranspose", "Attention")
+# quantized op -> the original op it replaces
+_Q_OPS = {"MatMulInteger": "MatMul", "ConvInteger": "Conv", "DynamicQuantizeLSTM": "LSTM",
+          "DynamicQuantizeMatMul": "MatMul", "MatMulNBits": "MatMul", "QLinearConv": "Conv",
+          "QLinearMatMul": "MatMul", "QGemm": "Gemm", "QAttention": "Attention"}
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+
+
+class CalibrationReader:
+    """``onnxruntime.quantization.CalibrationDataReader`` over real samples.
+
+    Args:
+        samples: ``{input name: array (N, ...)}``; fed ``batch_size`` samples at a time.
+    """
+
+    def __init__(self, samples: Mapping[str, np.ndarray], batch_size: int = 32):
+        self.samples = {k: np.ascontiguousarray(v) for k, v in samples.items()}
+        self.n = len(next(iter(self.samples.values())))
+        self.bs = batch_size
+        self.i = 0
+        self.start, self.end = 0, self.n
+
+    def get_next(self):
+        lo = self.start + self.i * self.bs
+        if lo >= self.end:
+            return None
+        self.i += 1
+        return {k: v[lo:min(lo + self.bs, self.end)] for k, v in self.samples.items()}
+
+    def rewind(self):
+        self.i = 0
+
+    def __len__(self):
+        return self.n
+
+    def set_range(self, start_index: int, end_index: int):
+        self.start, self.end, self.i = start_index, end_index, 0
+
+
+def _op_counts(model) -> collections.Counter:
+    return collections.Counter(n.op_type for n in model.graph.node)
+
+
+def quantized_nodes(fp32_model, q_model) -> dict[str, Any]:
+    """Which compute nodes run in reduced precision after quantization.
+
+    Returns:
+        ``{"quantized": {op: count}, "kept_fp32": {op: count}}`` over the compute ops (Conv, Gemm,
+        MatMul, LSTM, GRU, ...). QDQ: a node counts as quantized when an input comes from a
+        DequantizeLinear; QOperator/dynamic/4-bit: by its replacement op (MatMulInteger, MatMulNBits, ...).
+    """
+    before = {k: v for k, v in _op_counts(fp32_model).items() if k in COMPUTE_OPS}
+    produced_by = {o: n for n in q_model.graph.node for o in n.output}
+    q: collections.Counter = collections.Counter()
+    fp16_inits = {i.name for i in q_model.graph.initializer if i.data_type == 10}
+    for n in q_model.graph.node:
+        if n.op_type in _Q_OPS:
+            q[_Q_OPS[n.op_type]] += 1
+        elif n.op_type in COMPUTE_OPS:
+            src = [produced_by.get(i) for i in n.input if i]
+            if any(s is not None and s.op_type == "DequantizeLinear" for s in src):
+                q[n.op_type] += 1
+            elif any(i in fp16_inits for i in n.input) or any(s is not None and s.op_type == "Cast" and
+                                                              any(a.name == "to" and a.i == 10 for a in s.attribute) for s in src):
+                q[n.op_type] += 1
+    # Gemm rewritten to MatMul for int4: attribute MatMul counts to Gemm where the original had Gemm
+    if "Gemm" in before and "MatMul" in q and q["MatMul"] > before.get("MatMul", 0):
+        extra = q["MatMul"] - before.get("MatMul", 0)
+        q["MatMul"] -= extra
+        q["Gemm"] += extra
+        if q["MatMul"] == 0:
+            del q["MatMul"]
+    kept = {k: v - q.get(k, 0) for k, v in before.items() if v - q.get(k, 0) > 0}
+    return {"quantized": dict(q), "kept_fp32": kept}
+
+
+def describe_nodes(info: Mapping[str, Any]) -> str:
+    """One line: ``quantized Conv x2, Gemm x2; kept FP32: LSTM x1``."""
+    q = ", ".join(f"{k} x{v}" for k, v in sorted(info.get("quantized", {}).items())) or "none"
+    k = ", ".join(f"{k} x{v}" for k, v in sorted(info.get("kept_fp32", {}).items()))
+    return f"quantized {q}" + (f"; kept FP32: {k}" if k else "")
+
+
+def _save(model, out: Path) -> None:
+    from ..exporters.onnx import save_onnx
+
+    save_onnx(model, out)
+
+
+def int8_dynamic(src: Path, out: Path, per_channel: bool = False) -> dict:
+    """INT8 dynamic quantization (weights INT8, activations quantized per call).
+
+    Runs ``quant_pre_process`` (symbolic shape inference + ONNX optimizer) first, without which
+    ``quantize_dynamic`` skips the LSTM/GRU of a dynamo export (weights built by Slice/Concat).
+    """
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory() as td:
+        pre = Path(td) / "pre.onnx"
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
+        tmp = Path(td) / "q.onnx"
+        quantize_dynamic(str(pre), str(tmp), weight_type=QuantType.QInt8, per_channel=per_channel,
+                         op_types_to_quantize=["MatMul", "Gemm", "Conv", "LSTM", "Attention"],
+                         extra_options={"MatMulConstBOnly": True})
+        qm = onnx.load(str(tmp))
+        _save(qm, out)
+    return {"nodes": quantized_nodes(onnx.load(str(src)), qm), "per_channel": per_channel, "library": "onnxruntime.quantization.quantize_dynamic"}
+
+
+def int8_static(src: Path, out: Path, calibration: Mapping[str, np.ndarray], method: str = "minmax",
+                per_channel: bool = True, percentile: float = 99.999, num_bins: int = 2048,
+                symmetric_activations: bool = False) -> dict:
+    """INT8 static QDQ quantization calibrated on real samples.
+
+    Args:
+        calibration: ``{input: array (N, ...)}`` real training samples (not the held-out split).
+        method: ``minmax``, ``percentile`` (``percentile`` of the |activation| histogram) or
+            ``entropy`` (KL divergence, TensorRT-style; ``num_bins`` histogram bins really used).
+        per_channel: per-output-channel weight scales for Conv/Gemm/MatMul.
+
+    The calibrator is created with ``create_calibrator`` and ``extra_options={"num_bins": ...}``
+    (``quantize_static`` alone drops ``num_bins``, making Entropy equal MinMax); its ranges are handed
+    to ``quantize_static`` through ``calibration_cache_path``.
+    """
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if method not in CALIBRATION_METHODS:
+        raise StageError(f"unknown calibration method '{method}'; use one of {', '.join(CALIBRATION_METHODS)}")
+    cm = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+          "entropy": CalibrationMethod.Entropy}[method]
+    extra = {}
+    if method == "percentile":
+        extra = {"num_bins": num_bins, "percentile": percentile, "symmetric": symmetric_activations}
+    elif method == "entropy":
+        extra = {"num_bins": num_bins, "num_quantized_bins": 128, "symmetric": symmetric_activations}
+    with tempfile.TemporaryDirectory() as td:
+        pre = Path(td) / "pre.onnx"
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
+        cal = create_calibrator(pre, None, augmented_model_path=str(Path(td) / "aug.onnx"),
+                                calibrate_method=cm, extra_options=extra)
+        # ORT's histogram collector stacks per-batch arrays with np.asarray, which fails when an
+        # intermediate tensor's shape differs between batches: feed histogram methods one batch.
+        n = int(len(next(iter(calibration.values()))))
+        with contextlib.redirect_stdout(io.StringIO()):
+            cal.collect_data(CalibrationReader(calibration, batch_size=32 if method == "minmax" else n))
+            ranges = cal.compute_data()
+        del cal
+        cache = Path(td) / "calib.json"
+        save_tensors_data(ranges, cache)
+        tmp = Path(td) / "q.onnx"
+        quantize_static(str(pre), str(tmp), None, quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                        activation_type=QuantType.QUInt8 if not symmetric_activations else QuantType.QInt8,
+                        weight_type=QuantType.QInt8, calibrate_method=cm, calibration_cache_path=str(cache),
+                        extra_options={"ActivationSymmetric": symmetric_activations})
+        qm = onnx.load(str(tmp))
+        _save(qm, out)
+    return {"nodes": quantized_nodes(onnx.load(str(src)), qm), "calibration": method,
+            "calibration_samples": int(len(next(iter(calibration.values())))), "per_channel": per_channel,
+            "num_bins": num_bins if method != "minmax" else None, "format": "QDQ",
+            "library": "onnxruntime.quantization.quantize_static"}
+
+
+FP16_CPU_BLOCK = ["LSTM", "GRU", "RNN", "Resize", "Upsample", "ReduceMean", "LayerNormalization"]
+
+
+def fp16(src: Path, out: Path) -> dict:
+    """FP16 weights and compute with FP32 inputs/outputs (``keep_io_types``).
+
+    Recurrent ops (no FP16 CPU kernel in ONNX Runtime) and a few numerically sensitive ops stay FP32.
+    """
+    import onnx
+    from onnxruntime.transformers import float16
+
+    m = onnx.load(str(src))
+    block = list(float16.DEFAULT_OP_BLOCK_LIST) + FP16_CPU_BLOCK
+    qm = float16.convert_float_to_float16(m, keep_io_types=True, op_block_list=block)
+    _save(qm, out)
+    return {"nodes": quantized_nodes(onnx.load(str(src)), qm), "kept_ops": FP16_CPU_BLOCK,
+            "library": "onnxruntime.transformers.float16"}
+
+
+def gemm_to_matmul(model) -> int:
+    """Rewrite ``Gemm(A, B, C)`` with constant B, ``alpha == beta == 1``, ``transA == 0`` into
+    ``MatMul(A, B') + C`` in place (B' transposed if ``transB``), so MatMulNBits can take it.
+
+    Returns the number of Gemm nodes rewritten.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    new_nodes = []
+    count = 0
+    for n in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        if (n.op_type == "Gemm" and n.input[1] in inits and attrs.get("alpha", 1.0) == 1.0
+                and attrs.get("beta", 1.0) == 1.0 and not attrs.get("transA", 0)):
+            b = numpy_helper.to_array(inits[n.input[1]])
+            if attrs.get("transB", 0):
+                b = np.ascontiguousarray(b.T)
+            bname = n.input[1] + "_matmul"
+            model.graph.initializer.append(numpy_helper.from_array(b, bname))
+            mm_out = n.output[0] + ("_mm" if len(n.input) > 2 and n.input[2] else "")
+            new_nodes.append(helper.make_node("MatMul", [n.input[0], bname], [mm_out], name=(n.name or "gemm") + "_MatMul"))
+            if len(n.input) > 2 and n.input[2]:
+                new_nodes.append(helper.make_node("Add", [mm_out, n.input[2]], [n.output[0]], name=(n.name or "gemm") + "_Add"))
+            count += 1
+        else:
+            new_nodes.append(n)
+    if count:
+        del model.graph.node[:]
+        model.graph.node.extend(new_nodes)
+        used = {i for n in model.graph.node for i in n.input}
+        keep = [i for i in model.graph.initializer if i.name in used]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)
+        onnx.checker.check_model(model)
+    return count
+
+
+def int4_weight_only(src: Path, out: Path, block_size: int = 32, symmetric: bool = True,
+                     accuracy_level: int = 4) -> dict:
+    """4-bit block-wise weight-only quantization to ``MatMulNBits`` (RTN), activations stay FP32.
+
+    ``accuracy_level=4`` lets ONNX Runtime compute with INT8 activations (faster on CPU).
+    """
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    if block_size < 16 or block_size & (block_size - 1):
+        raise StageError(f"INT4 block size {block_size} is not a power of two >= 16; use 32, 64 or 128")
+    m = onnx.load(str(src))
+    rewritten = gemm_to_matmul(m)
+    q = MatMulNBitsQuantizer(m, bits=4, block_size=block_size, is_symmetric=symmetric, accuracy_level=accuracy_level)
+    q.process()
+    qm = q.model.model
+    _save(qm, out)
+    info = quantized_nodes(onnx.load(str(src)), qm)
+    return {"nodes": info, "block_size": block_size, "symmetric": symmetric, "accuracy_level": accuracy_level,
+            "gemm_rewritten": rewritten, "library": "onnxruntime.quantization.matmul_nbits_quantizer"}

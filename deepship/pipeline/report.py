@@ -1,0 +1,281 @@
+"""``optimize report``: build the variant tree, evaluate and benchmark every variant, write the report.
+
+Outputs ``report.json`` (schema :data:`SCHEMA_VERSION`; machine, library versions and date) and
+``report.md`` (one table per model), both written atomically. Progress shows with rich.
+Variants on the Pareto front of batch-32 latency against the metric are marked (the Olive idea).
+"""
+from __future__ import annotations
+
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from ..errors import DeepshipError, StageError
+from ..models.spec import ModelSpec
+from ..runtimes.benchmark import measure
+from ..utils import ensure_dir, machine_info, write_json_atomic, write_text_atomic
+from .evaluate import bench_feeds, evaluate
+from .stages import ModelContext, get_stage
+
+SCHEMA_VERSION = 1
+
+#: (variant name, stage, method, params, parent). Entries whose parent is missing are skipped.
+DEFAULT_PLAN: list[tuple[str, str, str, dict, str]] = [
+    ("bf16-torch", "quantize", "bf16", {}, "fp32-torch"),
+    ("fp32-onnx", "export", "onnx", {}, "fp32-torch"),
+    ("int8-dynamic", "quantize", "int8-dynamic", {}, "fp32-onnx"),
+    ("int8-static", "quantize", "int8-static", {"calibration": "minmax", "per_channel": True}, "fp32-onnx"),
+    ("fp16", "quantize", "fp16", {}, "fp32-onnx"),
+    ("int4-weight-only", "quantize", "int4-weight-only", {"block_size": 32}, "fp32-onnx"),
+    ("ort-engine", "engine", "onnxruntime", {"precision": "fp32"}, "fp32-onnx"),
+]
+
+QUANT_METHODS = ("int8-dynamic", "int8-static", "fp16", "bf16", "int4-weight-only")
+
+
+def plan_for(methods: Sequence[str] | None = None, engine: bool = True) -> list[tuple[str, str, str, dict, str]]:
+    """The default plan, restricted to ``methods`` (quantize methods) and with or without the engine."""
+    out = []
+    for entry in DEFAULT_PLAN:
+        name, stage, method, params, parent = entry
+        if stage == "quantize" and methods is not None and method not in methods:
+            continue
+        if stage == "engine" and not engine:
+            continue
+        out.append(entry)
+    return out
+
+
+def run_model(ctx: ModelContext, plan, batches: Sequence[int], threads: int | None, min_time_s: float,
+              advance: Callable[[str], None]) -> dict[str, Any]:
+    """Build, evaluate and benchmark every variant of one model; return its report section."""
+    spec = ctx.spec
+    rows: list[dict[str, Any]] = []
+    base = ctx.baseline()
+    todo = [(base.name, None, None, None, None)] + [p for p in plan]
+    reference = None
+    base_metric = None
+    for entry in todo:
+        name = entry[0]
+        row: dict[str, Any] = {"variant": name}
+        t0 = time.perf_counter()
+        try:
+            if entry[1] is None:
+                v = base
+            else:
+                _, stage, method, params, parent = entry
+                if parent not in ctx._variants:
+                    advance(name)
+                    continue  # parent not in this model's tree (e.g. ONNX-only model has no torch)
+                v = ctx.build(name, stage, method, params, parent)
+            sess = ctx.session(v, threads=threads)
+            ev = evaluate(ctx, sess, reference)
+            if reference is None:
+                reference = ev["outputs"]
+                base_metric = ev["metric"]
+            lat = {}
+            for b in batches:
+                try:
+                    lat[str(b)] = measure(sess, bench_feeds(ctx, b), min_time_s=min_time_s, batch=b).to_dict()
+                except DeepshipError as e:
+                    lat[str(b)] = {"error": str(e)}
+            row.update({
+                "parent": v.parent, "stage": v.stage, "method": v.method, "params": v.params, "format": v.format,
+                "runtime": v.runtime, "provider": getattr(sess, "provider", ""), "precision": v.precision,
+                "size_bytes": v.size_bytes(), "parameters": v.info.get("parameters"), "latency_ms": lat,
+                "metric": ev["metric"], "drift": ev["drift"], "info": _public_info(v.info), "status": "ok",
+                "artifact": str(v.path) if v.path else None, "key": v.key,
+            })
+            if ev["metric"] is not None and base_metric is not None:
+                row["metric_change"] = ev["metric"] - base_metric
+                row["metric_change_rel"] = (ev["metric"] - base_metric) / abs(base_metric) if base_metric else None
+        except DeepshipError as e:
+            row.update({"status": "failed", "error": str(e)})
+        except Exception as e:  # a stage crashing inside a library: record it, keep going
+            last = traceback.extract_tb(e.__traceback__)[-1]
+            row.update({"status": "failed",
+                        "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''} "
+                                 f"({Path(last.filename).name}:{last.lineno})"})
+        row["build_eval_s"] = round(time.perf_counter() - t0, 2)
+        rows.append(row)
+        advance(name)
+    _mark_pareto(rows, spec, batches)
+    ds = ctx.dataset()
+    return {
+        "model": spec.name, "description": spec.description, "source": spec.source, "task": spec.task,
+        "data": ds.source if ds is not None else "none: output drift against FP32 on random inputs",
+        "metric": None if spec.metric is None else {"name": spec.metric.name, "higher_is_better": spec.metric.higher_is_better,
+                                                     "unit": spec.metric.unit, "scale": spec.metric.scale},
+        "inputs": [t.describe() for t in spec.inputs],
+        "weights": ctx.weights_info,
+        "baselines": (spec.baselines(ds) if spec.baselines and ds is not None else []),
+        "variants": rows,
+    }
+
+
+def _public_info(info: dict) -> dict:
+    return {k: v for k, v in info.items() if k not in ("session_options",)}
+
+
+def _mark_pareto(rows: list[dict], spec: ModelSpec, batches: Sequence[int]) -> None:
+    if spec.metric is None or not batches:
+        return
+    b = str(max(batches))
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("metric") is not None and "p50_ms" in r["latency_ms"].get(b, {})]
+    sign = 1 if spec.metric.higher_is_better else -1
+    for r in ok:
+        lat, m = r["latency_ms"][b]["p50_ms"], sign * r["metric"]
+        r["pareto"] = not any(o is not r and o["latency_ms"][b]["p50_ms"] <= lat and sign * o["metric"] >= m and
+                              (o["latency_ms"][b]["p50_ms"] < lat or sign * o["metric"] > m) for o in ok)
+
+
+def run_report(specs: Sequence[ModelSpec], out_dir: str | Path = "report", methods: Sequence[str] | None = None,
+               batches: Sequence[int] = (1, 32), threads: int | None = None, min_time_s: float = 0.5,
+               engine: bool = True, retrain: bool = False, show_progress: bool = True,
+               plan: list | None = None) -> dict[str, Any]:
+    """Build the variant tree of each model, evaluate and benchmark every variant, write the report.
+
+    Args:
+        specs: resolved model specs.
+        out_dir: folder for ``report.json`` and ``report.md``.
+        methods: quantize methods to include (default all of :data:`QUANT_METHODS`).
+        batches: batch sizes to time (samples per call).
+        threads: intra-op threads for every runtime (default: all cores).
+        min_time_s: minimum timed seconds per (variant, batch).
+
+    Returns:
+        The report dict (also written to ``out_dir/report.json``).
+
+    Raises:
+        OutputPathError: ``out_dir`` cannot be written (checked before any work).
+        StageError: an unknown method.
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ..runtimes.session import default_threads
+
+    out = ensure_dir(out_dir)
+    for m in methods or ():
+        if m not in QUANT_METHODS:
+            raise StageError(f"unknown quantize method '{m}'; use one of {', '.join(QUANT_METHODS)}")
+    the_plan = plan if plan is not None else plan_for(methods, engine)
+    for _, stage, method, _, _ in the_plan:
+        get_stage(stage, method)
+    threads = threads or default_threads()
+    t0 = time.perf_counter()
+    console = Console(stderr=True)
+    models = []
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, disable=not show_progress, transient=False) as prog:
+        for spec in specs:
+            task = prog.add_task(f"{spec.name}", total=len(the_plan) + 1)
+            ctx = ModelContext(spec, retrain=retrain,
+                               progress=lambda s, t=task: prog.update(t, description=s[:60]))
+            models.append(run_model(ctx, the_plan, batches, threads, min_time_s,
+                                    lambda name, t=task, n=spec.name: prog.update(t, advance=1, description=f"{n}: {name}")))
+            prog.update(task, description=f"{spec.name}: done")
+    report = {
+        "schema_version": SCHEMA_VERSION,
+        "tool": "deepship",
+        "machine": machine_info(),
+        "settings": {"batches": list(batches), "threads": threads, "min_time_s": min_time_s,
+                     "methods": list(methods) if methods else list(QUANT_METHODS)},
+        "elapsed_s": round(time.perf_counter() - t0, 1),
+        "models": models,
+    }
+    write_json_atomic(out / "report.json", report)
+    write_text_atomic(out / "report.md", to_markdown(report))
+    return report
+
+
+def fmt_bytes(n: int | None) -> str:
+    if not n:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def fmt_metric(value: float | None, metric: dict | None) -> str:
+    if value is None or metric is None:
+        return "-"
+    s = metric.get("scale", 1.0)
+    return f"{value * s:.2f}{metric.get('unit', '') if metric.get('unit') == '%' else ''}"
+
+
+def fmt_change(row: dict, metric: dict | None) -> str:
+    if metric is None or row.get("metric_change") is None:
+        return "-"
+    d = row["metric_change"] * metric.get("scale", 1.0)
+    unit = " pt" if metric.get("unit") == "%" else ""
+    rel = row.get("metric_change_rel")
+    return f"{d:+.2f}{unit}" + (f" ({rel * 100:+.1f}%)" if rel is not None and metric.get("unit") != "%" else "")
+
+
+def _lat(row: dict, b: str, key: str = "p50_ms") -> str:
+    v = row.get("latency_ms", {}).get(b, {}).get(key)
+    if v is None:
+        return "-"
+    return f"{v:.3f}" if v < 1 else f"{v:.2f}"
+
+
+def _notes(row: dict) -> str:
+    if row.get("status") != "ok":
+        return f"FAILED: {row.get('error', '')}"
+    info = row.get("info", {})
+    notes = []
+    if "nodes" in info and row.get("stage") == "quantize":
+        from .quantize import describe_nodes
+
+        notes.append(describe_nodes(info["nodes"]))
+    if "calibration" in info:
+        notes.append(f"{info['calibration']} calibration")
+    if "parity" in info:
+        p = info["parity"].get("second_shape", {})
+        notes.append(f"parity max abs {p.get('max_abs', 0):.1e} at {p.get('shape')}")
+    if row.get("stage") == "engine":
+        notes.append(f"provider {row.get('provider')}")
+    d = row.get("drift")
+    if d and "top1_agreement" in d and row.get("stage") != "baseline":
+        notes.append(f"top-1 agree {d['top1_agreement'] * 100:.1f}%")
+    elif d and row.get("stage") != "baseline":
+        notes.append(f"drift max abs {d.get('max_abs', 0):.2g}")
+    if info.get("warning"):
+        notes.append(info["warning"])
+    if row.get("pareto"):
+        notes.append("**Pareto**")
+    return "; ".join(notes)
+
+
+def to_markdown(report: dict) -> str:
+    """Render the report as Markdown: machine header, then one table per model."""
+    m = report["machine"]
+    bs = [str(b) for b in report["settings"]["batches"]]
+    lines = ["# deepship report", "",
+             f"Machine: {m['cpu']} ({m['logical_cores']} logical cores; {m.get('cpu_features', '')}), "
+             f"{report['settings']['threads']} threads. Date: {m['date']}. "
+             + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".", ""]
+    for mod in report["models"]:
+        met = mod["metric"]
+        mname = met["name"] + (" (higher is better)" if met["higher_is_better"] else " (lower is better)") if met else "output drift vs FP32"
+        lines += [f"## {mod['model']}", "", f"{mod['description']}. Data: {mod['data']}. Metric: {mname}.", ""]
+        for b in mod.get("baselines", []):
+            lines += [f"Classical reference: {b['name']} {b['metric']} = {b['value']:.2f} ({b['source']}).", ""]
+        hdr = ["variant", "parent", "format", "precision", "size"] + [f"p50 ms b{b}" for b in bs] + \
+              [f"p99 ms b{bs[-1]}", f"throughput/s b{bs[-1]}", met["name"] if met else "metric", "change", "notes"]
+        lines += ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
+        for r in mod["variants"]:
+            thr = r.get("latency_ms", {}).get(bs[-1], {}).get("throughput")
+            cells = [r["variant"], r.get("parent") or "-", r.get("format", "-"), r.get("precision", "-"),
+                     fmt_bytes(r.get("size_bytes"))] + [_lat(r, b) for b in bs] + \
+                    [_lat(r, bs[-1], "p99_ms"), f"{thr:,.0f}" if thr else "-", fmt_metric(r.get("metric"), met),
+                     fmt_change(r, met), _notes(r)]
+            lines.append("| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |")
+        lines.append("")
+    lines.append(f"Built in {report.get('elapsed_s', 0):.0f} s. Sizes include ONNX external data. "
+                 "Latency: wall clock per call, median of repeated runs after warm-up.")
+    return "\n".join(lines) + "\n"

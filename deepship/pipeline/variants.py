@@ -1,0 +1,129 @@
+"""Variants and their on-disk, content-addressed cache.
+
+A :class:`Variant` is one node of a model's variant tree: a format (``torch``, ``onnx``,
+``engine:<backend>``), the files that hold it, the stage and parameters that produced it from its
+parent, and what that stage measured (parity, quantized nodes, ...).
+
+Each built variant lives in ``$DEEPSHIP_CACHE/artifacts/<model>/<variant>-<key>/`` where ``key`` hashes
+the parent's key, the stage, its parameters and the library versions; ``meta.json`` lists every file
+with its size and SHA-256. A rerun reuses a folder whose files still match and rebuilds otherwise.
+Folders are built under a temporary name and renamed, so a crash never leaves a half-written variant.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ArtifactError
+from ..utils import cache_root, sha256_file
+
+FORMATS = ("torch", "onnx", "engine:onnxruntime", "engine:tensorrt", "engine:inductor")
+
+
+@dataclass
+class Variant:
+    """One variant of a model.
+
+    Attributes:
+        model: model name.
+        name: variant name, unique within the model (``fp32-onnx``, ``int8-static``, ...).
+        parent: parent variant name (``None`` for the baseline).
+        stage: stage that produced it (``baseline``, ``export``, ``quantize``, ``engine``, ...).
+        method: the stage's method (``int8-dynamic``, ``onnxruntime``, ...), or ``""``.
+        params: the stage's parameters.
+        format: one of :data:`FORMATS`.
+        precision: ``fp32``, ``bf16``, ``fp16``, ``int8``, ``int4``, ...
+        key: content hash of everything that determines the artifact.
+        dir: artifact folder (``None`` for in-memory baselines).
+        files: artifact file names inside ``dir``; ``files[0]`` is the main file.
+        info: what the stage measured or decided (parity, quantized nodes, calibration, ...).
+        runtime: the runtime that runs it (``torch``, ``onnxruntime``, ...).
+    """
+
+    model: str
+    name: str
+    parent: str | None
+    stage: str
+    method: str
+    params: dict[str, Any]
+    format: str
+    precision: str
+    key: str
+    dir: str | None = None
+    files: list[str] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+    runtime: str = ""
+
+    @property
+    def path(self) -> Path | None:
+        """The main artifact file."""
+        return Path(self.dir) / self.files[0] if self.dir and self.files else None
+
+    def size_bytes(self) -> int:
+        """Size on disk in bytes of all artifact files (ONNX external data included)."""
+        if not self.dir:
+            return 0
+        return sum((Path(self.dir) / f).stat().st_size for f in self.files if (Path(self.dir) / f).exists())
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Variant":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+def artifact_dir(model: str, name: str, key: str) -> Path:
+    return cache_root() / "artifacts" / model / f"{name}-{key}"
+
+
+def load_cached(model: str, name: str, key: str) -> Variant | None:
+    """The cached variant if its folder exists and every file matches ``meta.json``; else ``None``."""
+    d = artifact_dir(model, name, key)
+    meta = d / "meta.json"
+    if not meta.is_file():
+        return None
+    try:
+        m = json.loads(meta.read_text())
+        v = Variant.from_dict(m["variant"])
+        for f, (size, digest) in m["checksums"].items():
+            p = d / f
+            if not p.is_file() or p.stat().st_size != size or sha256_file(p) != digest:
+                return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    v.dir = str(d)
+    return v
+
+
+def write_meta(v: Variant, d: Path) -> None:
+    """Write ``meta.json`` (variant + per-file size and SHA-256) into the artifact folder ``d``."""
+    sums = {f: [(d / f).stat().st_size, sha256_file(d / f)] for f in v.files}
+    (d / "meta.json").write_text(json.dumps({"variant": {**v.to_dict(), "dir": None}, "checksums": sums}, indent=2,
+                                            default=str))
+
+
+def open_variant_session(v: Variant, ctx: Any = None, threads: int | None = None):
+    """Open a :class:`~deepship.runtimes.session.Session` for a built variant.
+
+    ``ctx`` (a :class:`~deepship.pipeline.stages.ModelContext`) is needed for torch variants (it
+    knows how to build the module).
+
+    Raises:
+        ArtifactError: the format has no runtime here.
+    """
+    from ..runtimes.session import OrtSession
+
+    if v.format == "onnx":
+        return OrtSession(v.path, threads=threads)
+    if v.format.startswith("engine:"):
+        from ..runtimes.engines import get_backend
+
+        return get_backend(v.format.split(":", 1)[1]).session(v, threads=threads)
+    if v.format == "torch":
+        if ctx is None:
+            raise ArtifactError(f"variant {v.name} is a torch model; open it through its ModelContext")
+        return ctx.torch_session(v, threads=threads)
+    raise ArtifactError(f"variant {v.name} has format {v.format}, which no runtime here can run")

@@ -1,0 +1,1 @@
+"""The serving process (see the serving issue): loads built variants and answers requests."""

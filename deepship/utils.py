@@ -1,0 +1,168 @@
+"""Small shared helpers: atomic writes, hashing, the artifact cache folder, environment facts."""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import OutputPathError
+
+
+def cache_root() -> Path:
+    """The artifact cache folder: ``$DEEPSHIP_CACHE`` or ``./.deepship-cache``."""
+    return Path(os.environ.get("DEEPSHIP_CACHE", ".deepship-cache")).resolve()
+
+
+def ensure_dir(path: str | os.PathLike) -> Path:
+    """Create ``path`` (and parents) and check it is writable.
+
+    Raises:
+        OutputPathError: the folder cannot be created or written.
+    """
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputPathError(f"cannot create output folder {p}: {e.strerror}; choose a writable path") from None
+    if not os.access(p, os.W_OK):
+        raise OutputPathError(f"output folder {p} is not writable; choose a writable path")
+    return p
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside ``dest``; on success replace ``dest`` with it, else delete it.
+
+    Readers never see a half-written artifact: the rename is atomic on one filesystem.
+    """
+    dest = Path(dest)
+    ensure_dir(dest.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_file(dest: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary file path beside ``dest``; rename it onto ``dest`` on success, else delete it."""
+    dest = Path(dest)
+    ensure_dir(dest.parent if str(dest.parent) else ".")
+    fd, name = tempfile.mkstemp(prefix=f".tmp-{dest.name}-", suffix=suffix, dir=dest.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        if tmp.exists():
+            os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
+def write_text_atomic(dest: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``dest`` through a temporary file and a rename."""
+    with atomic_file(dest) as tmp:
+        tmp.write_text(text)
+    return Path(dest)
+
+
+def write_json_atomic(dest: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON to ``dest`` atomically."""
+    return write_text_atomic(dest, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    import numpy as np
+
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def stable_hash(obj: Any) -> str:
+    """A short (16 hex chars) hash of a JSON-serializable object, stable across runs."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_json_default).encode()).hexdigest()[:16]
+
+
+def dir_size_bytes(paths: list[Path]) -> int:
+    """Total size in bytes of the given files (ONNX external data included by the caller)."""
+    return sum(p.stat().st_size for p in paths if p.exists())
+
+
+def machine_info() -> dict[str, Any]:
+    """Machine, library versions and date, recorded in every report."""
+    import numpy
+    import onnx
+    import onnxruntime
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    fl = line.split(":", 1)[1].split()
+                    flags = " ".join(x for x in ("avx2", "avx512f", "avx512_vnni", "amx_bf16", "amx_int8") if x in fl)
+                    break
+    except OSError:
+        pass
+    return {
+        "hostname": platform.node(),
+        "cpu": cpu,
+        "cpu_features": flags,
+        "logical_cores": os.cpu_count(),
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "versions": {
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "numpy": numpy.__version__,
+        },
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
