@@ -190,6 +190,12 @@ class ModelSpec:
         weights_path: user weights (safetensors or torch checkpoint).
         description: one line for the README's model table and ``optimize models``.
         source: ``"zoo"``, ``"factory"``, ``"pt2"`` or ``"onnx"``.
+        plan: optional ``(default_plan) -> plan`` that edits the report's variant plan for this model
+            (entries ``(name, stage, method, params, parent)``), e.g. to add prune/distill chains or
+            drop methods that do not apply.
+        measure: optional ``(ctx, variant, session) -> dict`` of extra per-variant measurements
+            (tokens/s, acceptance rate, real-time factor, ...) stored in the report row's ``extra``
+            and shown in the Markdown notes.
     """
 
     name: str
@@ -208,6 +214,8 @@ class ModelSpec:
     description: str = ""
     source: str = "zoo"
     extra: dict[str, Any] = field(default_factory=dict)
+    plan: Callable[[list], list] | None = None
+    measure: Callable[[Any, Any, Any], dict] | None = None
 
     def example_inputs(self, sizes: Mapping[str, int] | None = None, seed: int = 0) -> dict[str, np.ndarray]:
         """Random inputs at the example shape (or ``sizes``), dict name -> numpy array."""

@@ -53,6 +53,8 @@ def run_model(ctx: ModelContext, plan, batches: Sequence[int], threads: int | No
     spec = ctx.spec
     rows: list[dict[str, Any]] = []
     base = ctx.baseline()
+    if spec.plan is not None:
+        plan = spec.plan(list(plan))
     todo = [(base.name, None, None, None, None)] + [p for p in plan]
     reference = None
     base_metric = None
@@ -87,6 +89,8 @@ def run_model(ctx: ModelContext, plan, batches: Sequence[int], threads: int | No
                 "metric": ev["metric"], "drift": ev["drift"], "info": _public_info(v.info), "status": "ok",
                 "artifact": str(v.path) if v.path else None, "key": v.key,
             })
+            if spec.measure is not None:
+                row["extra"] = spec.measure(ctx, v, sess)
             if ev["metric"] is not None and base_metric is not None:
                 row["metric_change"] = ev["metric"] - base_metric
                 row["metric_change_rel"] = (ev["metric"] - base_metric) / abs(base_metric) if base_metric else None
@@ -170,7 +174,8 @@ def run_report(specs: Sequence[ModelSpec], out_dir: str | Path = "report", metho
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, disable=not show_progress, transient=False) as prog:
         for spec in specs:
-            task = prog.add_task(f"{spec.name}", total=len(the_plan) + 1)
+            n_steps = len(spec.plan(list(the_plan))) if spec.plan is not None else len(the_plan)
+            task = prog.add_task(f"{spec.name}", total=n_steps + 1)
             ctx = ModelContext(spec, retrain=retrain,
                                progress=lambda s, t=task: prog.update(t, description=s[:60]))
             models.append(run_model(ctx, the_plan, batches, threads, min_time_s,
@@ -244,6 +249,8 @@ def _notes(row: dict) -> str:
         notes.append(f"top-1 agree {d['top1_agreement'] * 100:.1f}%")
     elif d and row.get("stage") != "baseline":
         notes.append(f"drift max abs {d.get('max_abs', 0):.2g}")
+    for k, val in (row.get("extra") or {}).items():
+        notes.append(f"{k} {val:.4g}" if isinstance(val, float) else f"{k} {val}")
     if info.get("warning"):
         notes.append(info["warning"])
     if row.get("pareto"):
