@@ -84,10 +84,14 @@ def quantize(ctx: ModelContext, method: str, **params: Any) -> Variant:
 
 def engine(ctx: ModelContext, backend: str = "onnxruntime", precision: str = "fp32",
            source: Variant | None = None, **params: Any) -> Variant:
-    """Build an engine with ``backend`` from ``source`` (default: the FP32 ONNX variant).
+    """Build an engine with ``backend`` from ``source`` (default: the backend's ``parent_for`` pick for
+    ``precision``, else the FP32 ONNX variant, or the torch model for ``inductor``).
+
+    ``params`` go to the backend: ``shapes`` (``{dim: (min, opt, max)}``), ``providers``
+    (onnxruntime), ``device`` (inductor), ``calibration`` (tensorrt INT8), ...
 
     Raises:
-        StageError: unknown or unavailable backend, unsupported precision.
+        StageError: unknown or unavailable backend (with the install line), unsupported precision.
     """
     from .runtimes.engines import get_backend
 
@@ -95,9 +99,77 @@ def engine(ctx: ModelContext, backend: str = "onnxruntime", precision: str = "fp
     ok, why = b.available()
     if not ok:
         raise StageError(why)
+    if precision not in b.precisions:
+        raise StageError(f"the {backend} engine builds {', '.join(b.precisions)}; got '{precision}'")
+    params = {k: v for k, v in params.items() if v is not None}
+    if source is None and hasattr(b, "parent_for"):
+        source = b.parent_for(ctx, precision, params)
     parent = source or (_onnx_parent(ctx) if b.consumes == "onnx" else ctx.baseline())
     name = f"{backend}-engine" + ("" if parent.name in ("fp32-onnx", "fp32-torch") else f"-{parent.name}")
+    if precision != parent.precision and not name.endswith(f"-{precision}"):
+        name += f"-{precision}"
     return ctx.build(name, "engine", backend, {"precision": precision, **params}, parent)
+
+
+def prune(ctx: ModelContext, sparsity: float = 0.5, method: str = "structured", importance: str | None = None,
+          finetune_steps: int | None = None, source: Variant | None = None) -> Variant:
+    """Prune the torch model (or the torch variant ``source``) and fine-tune it briefly.
+
+    ``method="structured"`` removes channels/hidden units with torch-pruning (group ``l2`` magnitude by
+    default, or ``l1``); ``"unstructured"`` zeroes the smallest weights (global L1) and shrinks only
+    the compressed size. See :mod:`deepship.pipeline.prune`. Carry the result on with :func:`carry_on`.
+
+    Raises:
+        StageError: ONNX-only model, an architecture that cannot be pruned (says why), bad sparsity,
+            method or importance.
+    """
+    from .pipeline import prune as P
+
+    P.prunable(ctx, method, source)
+    parent = source or ctx.baseline()
+    params = {"sparsity": float(sparsity), "importance": importance or ("l2" if method == "structured" else "l1"),
+              "finetune_steps": int(P.DEFAULT_FINETUNE_STEPS if finetune_steps is None else finetune_steps)}
+    name = P.variant_name(method, sparsity)
+    return ctx.build(name if parent.stage == "baseline" else f"{parent.name}-{name}", "prune", method, params, parent)
+
+
+def distill(ctx: ModelContext, student: str | None = None, temperature: float = 4.0, alpha: float = 0.1,
+            epochs: int | None = None, seed: int | None = None, source: Variant | None = None,
+            name: str | None = None) -> Variant:
+    """Train a smaller student on the teacher's outputs (the torch model, or the torch variant ``source``).
+
+    ``student``: ``auto`` (width 0.5), a width, ``width=0.5,layers=1``, explicit sizes
+    (``c1=8,c2=16,fc=32``) or ``package.module:factory``; ``alpha=1`` trains the same student on
+    labels only (the no-teacher control). See :mod:`deepship.pipeline.distill`.
+
+    Raises:
+        StageError: ONNX-only model, a student SPEC that does not fit, no training data, a task
+            without a distillation loss.
+    """
+    from .pipeline import distill as D
+
+    if not ctx.has_torch:
+        raise StageError(f"cannot distill '{ctx.spec.name}': it is an ONNX file; distillation needs the torch teacher")
+    parent = source or ctx.baseline()
+    params = D.resolve_params(ctx, parent, student, temperature, alpha, epochs, seed)
+    name = name or D.student_name(student, params, with_teacher=alpha < 1.0)
+    return ctx.build(name, "distill", "kd", params, parent)
+
+
+def carry_on(ctx: ModelContext, source: Variant, quantize: Sequence[str] = ()) -> list[Variant]:
+    """Export a torch variant (pruned, distilled) to ONNX with the parity check, then apply each
+    quantize method: variants ``SOURCE-onnx`` and ``SOURCE-<method>``, returned in that order.
+
+    Raises:
+        StageError: an unknown quantize method; ExportError: export or parity failed.
+    """
+    from .pipeline.prune import chain_entries
+    from .pipeline.stages import get_stage
+
+    for m in quantize:
+        get_stage("quantize", m)
+    return [ctx.build(n, stage, method, params, parent)
+            for n, stage, method, params, parent in chain_entries(source.name, quantize)]
 
 
 def publish(v: Variant, dest: str | Path) -> list[Path]:
@@ -152,3 +224,73 @@ def check(report_path: str | Path, baseline_path: str | Path, budgets: str | Pat
                   max_rel_drop if max_rel_drop is not None else dflt.max_rel_drop,
                   latency_tolerance if latency_tolerance is not None else dflt.latency_tolerance)
     return _check(r, b, dflt, per_metric, per_variant)
+
+
+def generate(model: str = "gpt", prompt: str | Sequence[int] = "", max_new_tokens: int = 64, variant: str = "fp32-onnx",
+             speculative: bool = False, draft: str = "gpt-draft", k: int = 4, greedy: bool = True,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+             stop: Sequence[str] = (), threads: int | None = None) -> dict[str, Any]:
+    """Generate text with a zoo decoder (``gpt``), with the KV cache, optionally by speculative decoding.
+
+    Args:
+        model: the decoder's zoo name.
+        prompt: text, or token ids of the model's tokenizer.
+        max_new_tokens: token limit (>= 1); generation also stops at the context length.
+        variant: ``fp32-torch``, ``fp32-onnx``, ``int8-dynamic``, ``int4-b32``, ``int4-b128`` (aliases
+            ``torch``, ``fp32``, ``int8``, ``int4``); built and cached on first use.
+        speculative: draft with ``draft`` (its FP32 ONNX variant; torch for a torch target), ``k`` tokens a round.
+        greedy: argmax decoding; else sampling with ``temperature``, ``top_k``, ``top_p`` and ``seed``.
+        stop: strings that end generation; each must be one token of the tokenizer (e.g. ``"\\n"``).
+
+    Returns:
+        ``{"text", "prompt_tokens", "tokens", "new_tokens", "finish_reason", "prefill_ms", "decode_ms",
+        "tokens_per_s", "acceptance_rate", "variant", "draft"}`` (ms, tokens/s).
+
+    Raises:
+        InputSpecError: empty prompt, prompt longer than the context, unknown token ids, ``k <= 0``,
+            a stop string that is not one token, draft and target vocabularies that differ.
+        StageError: unknown variant; InputSpecError also for a model that is not a GPT decoder.
+    """
+    import numpy as np
+
+    from .errors import InputSpecError
+    from .models import gpt as G
+    from .runtimes.generate import Sampling, check_prompt, generate as _generate, speculative_generate
+
+    ctx = load(model)
+    cfg = G.config_of(ctx.spec)
+    ids = check_prompt(G.encode(prompt) if isinstance(prompt, str) else prompt, cfg.layout())  # before any build
+    sampling = Sampling(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    sampling.check(cfg.vocab_size)
+    if max_new_tokens < 1:
+        raise InputSpecError(f"--max-new-tokens {max_new_tokens} must be >= 1")
+    stop_ids = []
+    for st in stop:
+        enc = G.tokenizer().encode(st).ids if st else []
+        if len(enc) != 1:
+            raise InputSpecError(f"stop string {st!r} is {len(enc)} tokens; give strings that are one token, e.g. '\\n'")
+        stop_ids.append(enc[0])
+    dctx = None
+    if speculative:
+        if int(k) != k or k <= 0:
+            raise InputSpecError(f"--k {k} must be a positive integer (draft tokens proposed per round)")
+        dctx = load(draft)
+        dcfg = G.config_of(dctx.spec)
+        if dcfg.vocab_size != cfg.vocab_size:
+            raise InputSpecError(f"draft '{draft}' has a vocabulary of {dcfg.vocab_size} tokens, target '{model}' "
+                                 f"{cfg.vocab_size}; use a draft trained with the target's tokenizer")
+    v = G.build_variant(ctx, variant)
+    runner = G.variant_runner(ctx, v, threads=threads)
+    draft_name = None
+    if dctx is not None:
+        dv = dctx.baseline() if v.format == "torch" else G.build_variant(dctx, "fp32-onnx")
+        res = speculative_generate(runner, G.variant_runner(dctx, dv, threads=threads), ids, max_new_tokens, k=k,
+                                   sampling=sampling, stop_tokens=stop_ids)
+        draft_name = f"{draft}/{dv.name}"
+    else:
+        res = _generate(runner, ids, max_new_tokens, sampling=sampling, stop_tokens=stop_ids)
+    toks = res.row(0)
+    return {"text": G.decode(toks), "prompt_tokens": int(np.asarray(ids).shape[-1]), "tokens": [int(t) for t in toks],
+            "new_tokens": int(len(toks)), "finish_reason": res.finish_reasons[0], "prefill_ms": res.prefill_ms,
+            "decode_ms": res.decode_ms, "tokens_per_s": res.tokens_per_s, "acceptance_rate": res.acceptance_rate,
+            "variant": v.name, "draft": draft_name, "k": k if speculative else None}

@@ -71,19 +71,27 @@ _OP_PATTERNS = [r"(aten[.:]{1,2}[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?)", r"(torch\.o
 
 
 def _explain_export_failure(exc: BaseException, log: str) -> str:
-    text = f"{exc}\n{log}"
+    text = re.sub(r"\x1b\[[0-9;]*m", "", f"{exc}\n{log}")
     op = None
     for pat in _OP_PATTERNS:
         m = re.search(pat, text)
         if m:
             op = m.group(1)
             break
-    mod = re.search(r"(?:in|module) ['\"]?((?:[A-Za-z_]\w*\.)*[A-Z]\w*(?:Module|Layer|Block|Net|Attention|LSTM|GRU|Conv\w*|Linear)?)['\"]?\s*\(", text)
-    first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)[:160]
-    hint = ("try a newer opset (--opset), replace data-dependent Python control flow with tensor ops "
-            "(torch.where, cumsum), or export a traced .pt2 first")
-    where = f"operator {op}" if op else (f"module {mod.group(1)}" if mod else "an unsupported construct")
-    return f"ONNX export failed at {where}: {first}; {hint}"
+    if "Failed to convert the exported program" in text:
+        why = "it has no ONNX translation at this opset"
+        hint = ("rewrite it with supported ops, register a translation (torch.onnx.export(custom_translation_table=...)), "
+                "or try a newer --opset")
+    elif "Failed to export the model with torch.export" in text or "torch.export" in text:
+        why = "torch.export could not trace it"
+        hint = ("replace data-dependent Python control flow with tensor ops (torch.where, torch.cond, cumsum), "
+                "or save a torch.export .pt2 yourself and export that")
+    else:
+        first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(exc).__name__)
+        why = first[:160]
+        hint = "check the model runs in eval mode on the example inputs, or try a newer --opset"
+    where = f"operator {op}" if op else "an unsupported construct"
+    return f"ONNX export failed at {where}: {why}; {hint}"
 
 
 def _fixed_dims(model_proto, inputs: Sequence[TensorSpec]) -> list[str]:
@@ -96,7 +104,7 @@ def _fixed_dims(model_proto, inputs: Sequence[TensorSpec]) -> list[str]:
         dims = gi.type.tensor_type.shape.dim
         for ax, name in t.dynamic_dims.items():
             if ax < len(dims) and not dims[ax].dim_param:
-                bad.append(f"dim '{name}' (axis {ax}) of input '{t.name}' was fixed to {dims[ax].dim_value}")
+                bad.append(f"dim '{name}' (axis {ax}) of input '{t.name}' to {dims[ax].dim_value}")
     return bad
 
 
@@ -123,7 +131,9 @@ def export_onnx(model: Any, spec: ModelSpec, out_path: str | Path, opset: int = 
     import torch
 
     out_path = Path(out_path)
-    model = model.eval()
+    from ..models.train import eval_mode
+
+    model = eval_mode(model)
     ex = spec.example_inputs()
     args = tuple(torch.from_numpy(ex[t.name]) for t in spec.inputs)
     log = io.StringIO()
@@ -149,7 +159,7 @@ def export_onnx(model: Any, spec: ModelSpec, out_path: str | Path, opset: int = 
         fixed = _fixed_dims(mp, spec.inputs)
         if fixed:
             raise ExportError(
-                f"the exporter made {fixed[0]}: the model needs a concrete size there (e.g. a Python loop over "
+                f"the exporter fixed {fixed[0]}: the model needs a concrete size there (e.g. a Python loop over "
                 "time); use cumsum/scan tensor formulations, or declare that dim static in the input spec")
         mp.producer_name = "deepship"
         files = save_onnx(mp, out_path)

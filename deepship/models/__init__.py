@@ -13,10 +13,20 @@ from typing import Any, Callable, Sequence
 
 from ..errors import UnknownModelError
 from .spec import Dataset, Metric, ModelSpec, Split, TensorSpec, parse_input_spec  # noqa: F401
-from .zoo import DEFAULT_SET, ZOO
+
+
+def __getattr__(name: str) -> Any:
+    # the zoo imports torch: load it on first use only
+    if name in ("ZOO", "DEFAULT_SET"):
+        from . import zoo
+
+        return getattr(zoo, name)
+    raise AttributeError(f"module 'deepship.models' has no attribute {name!r}")
 
 
 def zoo_names() -> list[str]:
+    from .zoo import ZOO
+
     return list(ZOO)
 
 
@@ -30,6 +40,7 @@ def resolve(ref: str, inputs: Sequence[str | TensorSpec] | None = None, weights:
         WeightsError, InputSpecError, ArtifactError, DataError: from the loaders.
     """
     from . import user
+    from .zoo import ZOO
 
     if ref in ZOO:
         if weights or inputs:

@@ -25,6 +25,15 @@ if TYPE_CHECKING:
 PACKAGED_WEIGHTS = Path(__file__).parent / "weights"
 
 
+def eval_mode(model):
+    """``model.eval()``, tolerating modules that refuse it (a ``torch.export`` program's module is
+    always in the mode it was exported in)."""
+    try:
+        return model.eval()
+    except NotImplementedError:
+        return model
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch."""
     import random
@@ -147,7 +156,7 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     except RuntimeError as e:
         first = [ln.strip() for ln in str(e).splitlines() if ln.strip()][1:2] or [str(e)[:200]]
         raise WeightsError(f"weights {path} do not fit the model: {first[0][:200]}") from None
-    return model.eval()
+    return eval_mode(model)
 
 
 def _metadata_matches(path: Path, h: str) -> bool:

@@ -75,13 +75,30 @@ class RNNForecaster(nn.Module):
         return self.head(y[:, -1]) * self.std + self.mean
 
 
+def _prune_distill_hooks(name: str) -> dict:
+    """The spec's ``plan`` and ``measure`` hooks that add this model's prune and distill chains to the
+    report and their notes (see ``deepship.pipeline.prune.ZOO_PLANS``); imported lazily."""
+
+    def plan(default: list) -> list:
+        from ..pipeline.prune import zoo_plan
+
+        return zoo_plan(name, default)
+
+    def measure(ctx: Any, variant: Any, session: Any) -> dict:
+        from ..pipeline.prune import report_notes
+
+        return report_notes(ctx, variant, session)
+
+    return {"plan": plan, "measure": measure}
+
+
 def _digits_spec(name: str, image: bool, build: Callable[[], nn.Module], recipe: dict, desc: str) -> ModelSpec:
     dims = ("batch", 1, 8, 8) if image else ("batch", 64)
     return ModelSpec(
         name=name, task="classification", build=build,
         inputs=[TensorSpec("x", dims, "float32")], output_names=["logits"],
         metric=ACCURACY, data=lambda: D.digits(image), recipe=recipe, train=train_classifier,
-        description=desc,
+        description=desc, **_prune_distill_hooks(name),
     )
 
 
@@ -100,6 +117,7 @@ def _rnn_spec(cell: str) -> ModelSpec:
         metric=MAE, data=D.sunspots, recipe=recipe, train=train_regressor,
         baselines=lambda ds: [D.arima_baseline()],
         description=f"1-layer {cell.upper()} (64 units) one-step-ahead forecaster, sunspots 1700-2008",
+        **_prune_distill_hooks(cell),
     )
 
 
@@ -113,6 +131,12 @@ def _cnn_build(arch: dict | None = None) -> nn.Module:
     return LeNet(a["c1"], a["c2"], a["fc"])
 
 
+def _gpt_spec(name: str) -> ModelSpec:
+    from . import gpt  # GPT decoder + draft (deepship/models/gpt.py); needs the tokenizers package
+
+    return gpt.gpt_spec() if name == "gpt" else gpt.draft_spec()
+
+
 ZOO: dict[str, Callable[[], ModelSpec]] = {
     "mlp": lambda: _digits_spec(
         "mlp", False, _mlp_build,
@@ -124,6 +148,8 @@ ZOO: dict[str, Callable[[], ModelSpec]] = {
         "LeNet-style CNN (conv32-conv64-pool-fc128-fc10), scikit-learn 8x8 digits"),
     "lstm": lambda: _rnn_spec("lstm"),
     "gru": lambda: _rnn_spec("gru"),
+    "gpt": lambda: _gpt_spec("gpt"),
+    "gpt-draft": lambda: _gpt_spec("gpt-draft"),
 }
 
 #: The models ``optimize report`` runs when none are named.

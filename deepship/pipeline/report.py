@@ -243,7 +243,9 @@ def _notes(row: dict) -> str:
         p = info["parity"].get("second_shape", {})
         notes.append(f"parity max abs {p.get('max_abs', 0):.1e} at {p.get('shape')}")
     if row.get("stage") == "engine":
-        notes.append(f"provider {row.get('provider')}")
+        notes.append(f"{row.get('method')} engine, {row.get('precision')}, ran on {row.get('provider')}")
+        if info.get("static_dims"):
+            notes.append("static " + ", ".join(f"{k}={v}" for k, v in info["static_dims"].items()))
     d = row.get("drift")
     if d and "top1_agreement" in d and row.get("stage") != "baseline":
         notes.append(f"top-1 agree {d['top1_agreement'] * 100:.1f}%")

@@ -11,6 +11,10 @@ before anything runs.
 | quantize | int8-dynamic, int8-static, fp16, int4-weight-only | onnx -> onnx |
 | quantize | bf16 | torch -> torch |
 | engine | onnxruntime | onnx -> engine:onnxruntime |
+| engine | inductor | torch -> engine:inductor |
+| engine | tensorrt | onnx -> engine:tensorrt |
+| prune | structured, unstructured | torch -> torch (:mod:`deepship.pipeline.prune`) |
+| distill | kd | torch -> torch (:mod:`deepship.pipeline.distill`) |
 """
 from __future__ import annotations
 
@@ -126,7 +130,9 @@ class ModelContext:
             elif self.spec.source == "zoo":
                 self._module, self.weights_info = trained_model(self.spec, retrain=self.retrain, progress=self.progress)
             else:
-                self._module = self.spec.build().eval()
+                from ..models.train import eval_mode
+
+                self._module = eval_mode(self.spec.build())
                 self.weights_info = {"weights": self.spec.weights_path, "origin": self.spec.source}
         return self._module
 
@@ -252,6 +258,10 @@ class ModelContext:
         dtype = getattr(torch, v.info.get("dtype", "float32"))
         if v.name == "fp32-torch" and v.stage == "baseline":
             m = self.module()
+        elif v.files and v.files[0].endswith(".pt2"):  # a re-shaped model build(arch) cannot express (prune/distill)
+            from .prune import load_pt2_module
+
+            m = load_pt2_module(Path(v.dir) / v.files[0])
         else:
             m = self.fresh_module(v.info.get("arch")).to(dtype)
             load_weights(m, Path(v.dir) / v.files[0])
@@ -275,6 +285,13 @@ def _export(ctx: ModelContext, parent: Variant, params: dict, out: Path):
     from ..exporters.onnx import DEFAULT_OPSET, export_onnx
 
     module = ctx.torch_session(parent).module
+    # torch 2.13: the exporter swaps in a while_loop LSTM/GRU decomposition (a py_kernel) for each export,
+    # but the ops keep a dispatch cache from the previous export, so a second RNN export in one process
+    # unrolls the time loop and fixes the sequence length; clearing the caches keeps every export dynamic.
+    import torch
+
+    for op in (torch.ops.aten.lstm.input, torch.ops.aten.gru.input):
+        op._dispatch_cache.clear()
     res = export_onnx(module, ctx.spec, out / "model.onnx", opset=int(params.get("opset", DEFAULT_OPSET)))
     return [f.name for f in res.files], {"opset": res.opset, "parity": res.parity, "dynamic_dims": res.dynamic_dims,
                                          "exporter": "torch.onnx.export(dynamo=True)"}
@@ -337,5 +354,29 @@ def _engine_ort(ctx: ModelContext, parent: Variant, params: dict, out: Path):
     b = get_backend("onnxruntime")
     files, info = b.build(parent, out, params.get("precision", "fp32"), params)
     info["backend"] = "onnxruntime"
-    info["precision"] = parent.precision
+    info["precision"] = info.get("precision", parent.precision)
     return files, info
+
+
+@register_stage("engine", "inductor", "torch", "engine:inductor")
+def _engine_inductor(ctx: ModelContext, parent: Variant, params: dict, out: Path):
+    """AOTInductor .pt2 package of the torch model (FP32, BF16, FP16, INT8 through PT2E)."""
+    from ..runtimes.engines import get_backend
+
+    files, info = get_backend("inductor").build(parent, out, params.get("precision", "fp32"), params, ctx=ctx)
+    info["backend"] = "inductor"
+    return files, info
+
+
+@register_stage("engine", "tensorrt", "onnx", "engine:tensorrt")
+def _engine_tensorrt(ctx: ModelContext, parent: Variant, params: dict, out: Path):
+    """TensorRT serialized engine (plan) with optimization profiles and build metadata."""
+    from ..runtimes.engines import get_backend
+
+    files, info = get_backend("tensorrt").build(parent, out, params.get("precision", "fp32"), params, ctx=ctx)
+    info["backend"] = "tensorrt"
+    return files, info
+
+
+# stages defined in their own modules register themselves on import
+from . import distill as _distill, prune as _prune  # noqa: E402,F401

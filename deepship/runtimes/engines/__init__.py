@@ -5,7 +5,12 @@ a :class:`~deepship.runtimes.session.Session` for it. Register one with :func:`r
 
 | backend | consumes | artifact | library |
 |---|---|---|---|
-| ``onnxruntime`` | onnx | ONNX Runtime optimized model + session options | onnxruntime |
+| ``onnxruntime`` | onnx | ONNX Runtime optimized model + session options; execution provider chosen and the one that ran recorded (:mod:`.providers`) | onnxruntime |
+| ``inductor`` | torch | AOTInductor ``.pt2`` package (FP32, BF16, FP16, INT8 via PT2E), dynamic batch kept | torch, torchao |
+| ``tensorrt`` | onnx | TensorRT serialized engine + ``engine.json`` (version, GPU, precision, profiles); runs on an NVIDIA GPU | tensorrt or tensorrt_rtx |
+
+A backend may define ``parent_for(ctx, precision, params)`` to pick its parent variant for a precision
+(e.g. the INT8 QDQ model); :func:`deepship.api.engine` uses it when no source is given.
 """
 from __future__ import annotations
 
@@ -61,3 +66,5 @@ def backends() -> dict[str, EngineBackend]:
 
 
 from . import onnxruntime as _ort  # noqa: E402,F401  (registers itself)
+from . import inductor as _inductor  # noqa: E402,F401
+from . import tensorrt as _tensorrt  # noqa: E402,F401

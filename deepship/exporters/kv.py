@@ -1,0 +1,209 @@
+"""Decoder export with an explicit KV cache: a prefill graph and a decode-step graph.
+
+Both graphs come from one module (:class:`deepship.models.gpt.GPT`, ``forward(input_ids, *past)``)
+through :func:`deepship.exporters.onnx.export_onnx` (dynamo exporter, named dynamic dims checked,
+parity at two shapes), with the input/output names Optimum and ONNX Runtime GenAI use:
+
+| graph | inputs | outputs |
+|---|---|---|
+| ``prefill.onnx`` | ``input_ids`` int64 ``[batch, seq]`` | ``logits`` float32 ``[batch, seq, vocab]``, ``present.{i}.key/value`` float32 ``[batch, heads, seq, head_dim]`` |
+| ``decode.onnx`` | ``input_ids`` int64 ``[batch, seq]``, ``past_key_values.{i}.key/value`` float32 ``[batch, heads, past, head_dim]`` | ``logits`` ``[batch, seq, vocab]``, ``present.{i}.key/value`` ``[batch, heads, past + seq, head_dim]`` |
+
+``batch``, ``seq`` and ``past`` are dynamic; the decode graph also accepts ``past = 0`` (an empty
+cache) and ``seq > 1`` (the verification pass of speculative decoding). On top of the two-shape parity
+of each graph, :func:`decode_parity` runs PyTorch and ONNX Runtime side by side on real held-out
+tokens: the prefill, then ``steps`` (32) consecutive decode steps where each runtime carries its own
+cache forward, comparing logits and the whole present cache at every step.
+
+Importing this module registers the ``("export", "onnx-kv")`` stage (torch -> onnx) that the ``gpt``
+zoo entry's report plan uses; its artifact holds ``decode.onnx`` (the main file, which quantization
+stages consume) and ``prefill.onnx``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ExportError
+from ..models.spec import ModelSpec
+from .onnx import DEFAULT_OPSET, export_onnx
+
+DECODE_FILE = "decode.onnx"
+PREFILL_FILE = "prefill.onnx"
+PARITY_STEPS = 32
+
+
+@dataclass
+class KVExportResult:
+    """Result of :func:`export_kv`.
+
+    Attributes:
+        decode, prefill: the two ``.onnx`` files.
+        files: every file written (external data included).
+        parity: ``{"decode": {...}, "prefill": {...}}`` two-shape parity of each graph (see
+            :func:`deepship.exporters.onnx.parity`), and ``"steps"``: the :func:`decode_parity` result.
+        opset: default-domain opset.
+    """
+
+    decode: Path
+    prefill: Path
+    files: list[Path]
+    opset: int
+    parity: dict[str, Any] = field(default_factory=dict)
+
+
+def flat_inputs(module: Any, names: list[str]) -> Any:
+    """An ``nn.Module`` calling ``module(*args)`` whose ``forward`` signature lists ``names``."""
+    import inspect
+
+    import torch
+
+    class _Flat(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+            def forward(*args):
+                return self.inner(*args)
+
+            forward.__signature__ = inspect.Signature(
+                [inspect.Parameter(n.replace(".", "_"), inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names])
+            self.forward = forward
+
+    return _Flat(module).eval()
+
+
+def graph_spec(cfg: Any, past: bool, name: str = "gpt") -> ModelSpec:
+    """The :class:`ModelSpec` (inputs, named dynamic dims, output names) of the decode-step graph
+    (``past=True``) or of the prefill graph, for a :class:`~deepship.models.gpt.GPTConfig`."""
+    from ..models.gpt import input_specs, output_names
+
+    return ModelSpec(name=name, task="language-modeling", build=None, inputs=input_specs(cfg, past=past),
+                     output_names=output_names(cfg))
+
+
+def export_kv(model: Any, cfg: Any, out_dir: str | Path, opset: int = DEFAULT_OPSET, steps: int = PARITY_STEPS,
+              prompt: np.ndarray | None = None, atol: float = 1e-4, rtol: float = 1e-3) -> KVExportResult:
+    """Export ``model`` as ``out_dir/prefill.onnx`` and ``out_dir/decode.onnx`` and check parity.
+
+    Args:
+        model: a GPT module in eval mode (``forward(input_ids, *past)``).
+        cfg: its :class:`~deepship.models.gpt.GPTConfig`.
+        out_dir: destination folder (files written atomically).
+        steps: decode steps of :func:`decode_parity` (0 skips it).
+        prompt: int64 ``(batch, seq)`` prompt for :func:`decode_parity` (default: 2 held-out prompts of 16 tokens).
+        atol, rtol: tolerance: fail if ``max_abs > atol + rtol * max|reference|``.
+
+    Returns:
+        :class:`KVExportResult`.
+
+    Raises:
+        ExportError: the export failed, a dynamic dim was fixed, or parity failed (naming the graph, the
+            output and the step).
+    """
+    out_dir = Path(out_dir)
+    model = model.eval()
+    dspec, pspec = graph_spec(cfg, True), graph_spec(cfg, False)
+    dec = export_onnx(flat_inputs(model, [t.name for t in dspec.inputs]), dspec, out_dir / DECODE_FILE, opset=opset,
+                      atol=atol, rtol=rtol)
+    pre = export_onnx(model, pspec, out_dir / PREFILL_FILE, opset=opset, atol=atol, rtol=rtol)
+    res = KVExportResult(dec.path, pre.path, dec.files + pre.files, opset,
+                         parity={"decode": dec.parity, "prefill": pre.parity})
+    if steps:
+        if prompt is None:
+            from ..models.gpt import heldout_prompts
+
+            prompt = heldout_prompts(2, 16)
+        res.parity["steps"] = decode_parity(model, cfg, pre.path, dec.path, prompt, steps=steps, atol=atol, rtol=rtol)
+    return res
+
+
+def decode_parity(model: Any, cfg: Any, prefill_path: str | Path, decode_path: str | Path, prompt: np.ndarray,
+                  steps: int = PARITY_STEPS, atol: float = 1e-4, rtol: float = 1e-3) -> dict[str, Any]:
+    """PyTorch against ONNX Runtime: the prefill of ``prompt``, then ``steps`` decode steps.
+
+    Each runtime carries its own KV cache; both get the same next token (the PyTorch argmax), so the
+    comparison covers error accumulated through the cache. Logits and every present tensor are
+    compared at every step.
+
+    Args:
+        prompt: int64 ``(batch, seq)`` token ids; ``seq + steps`` must fit the context.
+
+    Returns:
+        ``{"prompt_shape", "steps", "max_abs_logits", "max_abs_cache", "max_rel", "same_argmax", "ok"}``
+        (``same_argmax``: fraction of steps whose argmax agrees).
+
+    Raises:
+        ExportError: a step's logits or cache differ beyond ``atol + rtol * max|reference|``.
+    """
+    import torch
+
+    from ..runtimes.session import OrtSession
+
+    prompt = np.asarray(prompt, np.int64)
+    pre, dec = OrtSession(prefill_path, threads=1), OrtSession(decode_path, threads=1)
+    past_names = [n for n in dec.input_names if n.startswith("past_key_values.")]
+    present_names = [f"present.{n.split('.', 1)[1]}" for n in past_names]
+    worst = {"logits": 0.0, "cache": 0.0, "rel": 0.0}
+    agree = 0
+
+    def compare(label: str, a: np.ndarray, b: np.ndarray, kind: str) -> None:
+        a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        if a64.shape != b64.shape:
+            raise ExportError(f"{label}: ONNX shape {a64.shape} differs from PyTorch {b64.shape}; a dim was fixed in export")
+        err = float(np.abs(a64 - b64).max()) if a64.size else 0.0
+        ref = float(np.abs(b64).max()) if b64.size else 0.0
+        if err > atol + rtol * ref:
+            raise ExportError(f"KV-cache parity failed at {label}: max abs error {err:.3g} > {atol + rtol * ref:.3g}; "
+                              "check the mask/position offset for the past length")
+        worst[kind] = max(worst[kind], err)
+        worst["rel"] = max(worst["rel"], err / ref if ref else err)
+
+    with torch.inference_mode():
+        t_out = model(torch.from_numpy(prompt))
+        o_out = pre.run({"input_ids": prompt})
+        compare("prefill logits", o_out["logits"], t_out[0].numpy(), "logits")
+        t_cache = list(t_out[1:])
+        o_cache = [o_out[n] for n in present_names]
+        for n, a, b in zip(present_names, o_cache, t_cache):
+            compare(f"prefill {n}", a, b.numpy(), "cache")
+        nxt = t_out[0][:, -1].argmax(-1, keepdim=True)
+        for step in range(steps):
+            t_out = model(nxt, *t_cache)
+            o_out = dec.run({"input_ids": nxt.numpy(), **dict(zip(past_names, o_cache))})
+            compare(f"decode step {step + 1} logits", o_out["logits"], t_out[0].numpy(), "logits")
+            t_cache = list(t_out[1:])
+            o_cache = [o_out[n] for n in present_names]
+            for n, a, b in zip(present_names, o_cache, t_cache):
+                compare(f"decode step {step + 1} {n}", a, b.numpy(), "cache")
+            agree += int((o_out["logits"][:, -1].argmax(-1) == t_out[0][:, -1].argmax(-1).numpy()).all())
+            nxt = t_out[0][:, -1].argmax(-1, keepdim=True)
+    return {"prompt_shape": list(prompt.shape), "steps": steps, "max_abs_logits": worst["logits"],
+            "max_abs_cache": worst["cache"], "max_rel": worst["rel"], "same_argmax": agree / max(steps, 1), "ok": True}
+
+
+# ---- the pipeline stage -------------------------------------------------------------------------
+
+def _register() -> None:
+    from ..pipeline.stages import register_stage
+
+    @register_stage("export", "onnx-kv", "torch", "onnx")
+    def _export_kv_stage(ctx, parent, params, out: Path):
+        """torch -> ONNX prefill + decode-step graphs with past_key_values/present, parity over 32 steps."""
+        from ..models.gpt import config_of
+
+        module = ctx.torch_session(parent).module
+        cfg = config_of(ctx.spec)
+        res = export_kv(module, cfg, out, opset=int(params.get("opset", DEFAULT_OPSET)),
+                        steps=int(params.get("steps", PARITY_STEPS)))
+        files = [f.name for f in res.files]
+        files.sort(key=lambda f: (not f.startswith("decode"), f))  # decode.onnx is the main file
+        return files, {"opset": res.opset, "parity": res.parity["decode"], "parity_prefill": res.parity["prefill"],
+                       "parity_steps": res.parity.get("steps"), "graphs": {"decode": DECODE_FILE, "prefill": PREFILL_FILE},
+                       "exporter": "torch.onnx.export(dynamo=True)"}
+
+
+_register()

@@ -1,0 +1,316 @@
+"""The HTTP application: Open Inference Protocol (KServe v2) REST endpoints over a model repository.
+
+| method | path | answer |
+|---|---|---|
+| GET | ``/v2/health/live`` | 200 while the process runs |
+| GET | ``/v2/health/ready`` | 200 when every model is loaded and warm, else 503 |
+| GET | ``/v2`` | server metadata: name, version, protocol extensions |
+| GET | ``/v2/models/{name}`` | model metadata (inputs, outputs, datatypes, shapes) |
+| GET | ``/v2/models/{name}/ready`` | 200 ready, 404 unknown model |
+| GET | ``/v2/models/{name}/config`` | Triton-style model configuration (batching settings included) |
+| POST | ``/v2/models/{name}/infer`` | inference; JSON or binary tensor data |
+| POST | ``/v2/repository/index`` | the served models and their state |
+| GET | ``/metrics`` | Prometheus metrics (:mod:`deepship.serving.metrics`) |
+
+Every ``/v2/models/{name}/...`` path also answers as ``/v2/models/{name}/versions/1/...`` (each
+variant is its own model, with the single version ``1``). Errors are ``{"error": "<one line>"}``
+with 400 (bad input: wrong name, datatype, shape), 404 (unknown model or version), 411/413 (body
+length missing or over the limit), 415 (compressed body), 503 with ``Retry-After`` (queue full,
+timeout, shutting down) and 500 only when a runtime fails on valid input (the server keeps running).
+
+Extension point (token generation, streaming ASR): a :class:`ServingExtension` registered with
+:func:`register_extension` is installed into every app whose repository holds a model it
+:meth:`~ServingExtension.applies` to; it adds its own routes (HTTP, server-sent events, WebSocket)
+to the FastAPI app and uses the :class:`InferenceServer` (repository, metrics, batchers, config).
+See ``docs/serving.md``.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+
+from .batcher import BatcherConfig, DynamicBatcher
+from .metrics import ServingMetrics
+from .protocol import HEADER_LENGTH, RequestError, decode_infer_request, encode_infer_response, model_config, \
+    model_metadata
+from .repository import ModelRepository, ServedModel, valid_name
+
+SERVER_NAME = "deepship"
+#: Protocol extensions every deepship server speaks (``GET /v2``); registered extensions add theirs.
+BASE_EXTENSIONS = ["binary_tensor_data", "model_configuration", "model_repository"]
+
+
+@dataclass
+class ServerConfig:
+    """Serving settings.
+
+    Attributes:
+        host: interface to bind; ``127.0.0.1`` (loopback only) unless told otherwise.
+        port: TCP port (``0``: any free port).
+        batching: :class:`~deepship.serving.batcher.BatcherConfig` for every model.
+        max_body_bytes: largest request body accepted, in bytes (larger: 413).
+        max_connections: concurrent connections uvicorn accepts before answering 503 itself.
+        threads: intra-op threads per model session (default: all cores but one).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    batching: BatcherConfig = field(default_factory=BatcherConfig)
+    max_body_bytes: int = 16 * 2 ** 20
+    max_connections: int = 2048
+    threads: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ServingExtension(Protocol):
+    """A serving extension: extra endpoints for models that are not plain request/response tensors.
+
+    Attributes:
+        name: listed in ``GET /v2`` ``extensions`` (e.g. ``"generate"``, ``"streaming_asr"``).
+    """
+
+    name: str
+
+    def applies(self, model: ServedModel) -> bool:
+        """True if this extension serves ``model`` (look at ``model.kind`` and ``model.extra``)."""
+
+    def install(self, app: FastAPI, server: "InferenceServer") -> None:
+        """Add routes to ``app`` (``@app.post``, ``@app.websocket``); use ``server`` for models and metrics."""
+
+
+_EXTENSIONS: dict[str, ServingExtension] = {}
+
+
+def register_extension(ext: ServingExtension) -> ServingExtension:
+    """Register a :class:`ServingExtension` for every app created afterwards; returns it."""
+    _EXTENSIONS[ext.name] = ext
+    return ext
+
+
+def extensions() -> dict[str, ServingExtension]:
+    """The registered extensions by name."""
+    return dict(_EXTENSIONS)
+
+
+class InferenceServer:
+    """The state behind the app: repository, one :class:`DynamicBatcher` per model, metrics, readiness.
+
+    Args:
+        repository: the loaded, warmed-up models.
+        config: :class:`ServerConfig`.
+    """
+
+    def __init__(self, repository: ModelRepository, config: ServerConfig | None = None):
+        self.repository = repository
+        self.config = config or ServerConfig()
+        self.metrics = ServingMetrics(repository.names())
+        self.batchers: dict[str, DynamicBatcher] = {
+            m.name: DynamicBatcher(m.name, m.run, self.config.batching, can_batch=m.max_batch_size > 0,
+                                   observe=self.metrics.observer(m.name))
+            for m in repository.models.values()
+        }
+        self.ready = False
+        self.extensions: list[str] = []
+
+    async def start(self) -> None:
+        for b in self.batchers.values():
+            b.start()
+        self.ready = True
+
+    async def stop(self) -> None:
+        self.ready = False
+        await asyncio.gather(*(b.stop() for b in self.batchers.values()))
+
+    def model(self, name: str, version: str | None = None) -> ServedModel:
+        """The served model ``name``.
+
+        Raises:
+            RequestError: 400 for an invalid name, 404 for an unknown model or a version other than 1.
+        """
+        if not valid_name(name):
+            raise RequestError(f"invalid model name '{name[:64]}'; names use letters, digits, '.', '_' and '-'", 400)
+        m = self.repository.get(name)
+        if m is None:
+            names = self.repository.names()
+            raise RequestError(f"unknown model '{name}'; served models: {', '.join(names[:20])}"
+                               + (" ..." if len(names) > 20 else ""), 404)
+        if version not in (None, "", "1"):
+            raise RequestError(f"model '{name}' has no version '{version[:16]}'; deepship serves version 1", 404)
+        return m
+
+    async def read_body(self, headers: dict[bytes, bytes], receive) -> bytes:
+        """The request body from ASGI ``receive``, refusing more than ``max_body_bytes`` (413, checked
+        against ``Content-Length`` before reading and while reading) and compressed bodies (415)."""
+        limit = self.config.max_body_bytes
+        enc = headers.get(b"content-encoding")
+        if enc and enc.lower() != b"identity":
+            raise RequestError(f"Content-Encoding {enc[:20].decode('latin-1')} is not supported; "
+                               "send the body uncompressed", 415)
+        cl = headers.get(b"content-length")
+        if cl is not None:
+            if not cl.isdigit():
+                raise RequestError("Content-Length is not a number", 400)
+            if int(cl) > limit:
+                raise RequestError(f"request body of {int(cl)} bytes exceeds the limit of {limit} bytes; "
+                                   "send smaller batches", 413)
+        chunks, size = [], 0
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                raise RequestError("client disconnected", 499)
+            chunk = msg.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise RequestError(f"request body exceeds the limit of {limit} bytes; send smaller batches", 413)
+            chunks.append(chunk)
+            if not msg.get("more_body", False):
+                break
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def infer(self, name: str, version: str | None, headers: dict[bytes, bytes], receive
+                    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """Answer one ``/infer`` request: ``(status, response headers, body)`` (statuses: module docstring).
+
+        Never raises: a failure inside the runtime is a 500 for this request only.
+        """
+        t0 = time.perf_counter()
+        label, status = "unknown", 500
+        try:
+            model = self.model(name, version)
+            label = model.name
+            batcher = self.batchers[model.name]
+            batcher.admit()  # shed overload before reading and decoding the body
+            body = await self.read_body(headers, receive)
+            hl = headers.get(b"inference-header-content-length")
+            req = decode_infer_request(body, None if hl is None else hl.decode("latin-1"), model)
+            outs = await batcher.submit(
+                req.inputs, req.batch, None if req.timeout_us is None else req.timeout_us / 1e6)
+            payload, hlen = encode_infer_response(model.name, req, outs, model.output_names)
+            status = 200
+            if hlen is None:
+                return 200, [(b"content-type", b"application/json")], payload
+            return 200, [(b"content-type", b"application/octet-stream"),
+                         (HEADER_LENGTH.lower().encode(), str(hlen).encode())], payload
+        except RequestError as e:
+            status = e.status
+            return (e.status, [(b"content-type", b"application/json")]
+                    + ([(b"retry-after", str(e.retry_after_s).encode())] if e.retry_after_s is not None else []),
+                    orjson.dumps({"error": str(e)}))
+        except Exception as e:  # never let one request take the process down
+            return 500, [(b"content-type", b"application/json")], orjson.dumps(
+                {"error": f"internal error: {type(e).__name__}: {str(e)[:160]}"})
+        finally:
+            self.metrics.request(label, status, time.perf_counter() - t0)
+
+
+#: ``/v2/models/{name}[/versions/{version}]/infer`` (name and version: anything but ``/``).
+INFER_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer$")
+
+
+class InferMiddleware:
+    """ASGI app answering ``POST /v2/models/{name}[/versions/{version}]/infer`` itself (the hot
+    path skips Starlette's middleware stack, routing and request objects: about 20-90 us less CPU per
+    request here) and passing every other request, and the lifespan, to the FastAPI app ``app``."""
+
+    def __init__(self, app, server: InferenceServer):
+        self.app, self.server = app, server
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST":
+            m = INFER_PATH.match(scope["path"])
+            if m is not None:
+                status, headers, body = await self.server.infer(m["name"], m["version"], dict(scope["headers"]),
+                                                                receive)
+                headers.append((b"content-length", str(len(body)).encode()))
+                await send({"type": "http.response.start", "status": status, "headers": headers})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
+def error_response(e: RequestError) -> Response:
+    """``{"error": message}`` with the error's status (and ``Retry-After`` for 503)."""
+    headers = {"Retry-After": str(e.retry_after_s)} if e.retry_after_s is not None else None
+    return Response(orjson.dumps({"error": str(e)}), e.status, headers, media_type="application/json")
+
+
+def create_app(server: InferenceServer) -> "InferMiddleware":
+    """The ASGI application for ``server``: :class:`InferMiddleware` answering ``POST .../infer`` in
+    front of a FastAPI app (``.app``) with every other endpoint and the registered extensions.
+
+    Start it with uvicorn (:func:`deepship.serving.server.serve` or
+    :func:`deepship.serving.server.start_in_thread`); the batchers start in the app's lifespan.
+    """
+    from .. import __version__
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await server.start()
+        try:
+            yield
+        finally:
+            await server.stop()
+
+    app = FastAPI(title="deepship serving", version=__version__, lifespan=lifespan,
+                  docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+    server.extensions = []
+
+    async def on_request_error(request: Request, exc: RequestError) -> Response:
+        return error_response(exc)
+
+    app.add_exception_handler(RequestError, on_request_error)
+
+    @app.get("/v2/health/live")
+    async def live():
+        return Response(status_code=200)
+
+    @app.get("/v2/health/ready")
+    async def ready():
+        return Response(status_code=200 if server.ready else 503)
+
+    @app.get("/v2")
+    async def server_metadata():
+        return {"name": SERVER_NAME, "version": __version__, "extensions": BASE_EXTENSIONS + server.extensions}
+
+    @app.post("/v2/repository/index")
+    async def repository_index():
+        return [{"name": n, "version": "1", "state": "READY" if server.ready else "UNAVAILABLE"}
+                for n in server.repository.names()]
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(server.metrics.render(), 200, media_type=server.metrics.content_type)
+
+    for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+        async def metadata(name: str, version: str | None = None):
+            return model_metadata(server.model(name, version))
+
+        async def model_ready(name: str, version: str | None = None):
+            m = server.model(name, version)
+            return Response(status_code=200 if server.ready and m else 503)
+
+        async def config(name: str, version: str | None = None):
+            return model_config(server.model(name, version), server.config.batching.to_dict())
+
+        app.get(prefix)(metadata)
+        app.get(prefix + "/ready")(model_ready)
+        app.get(prefix + "/config")(config)
+
+    for ext in _EXTENSIONS.values():
+        if any(ext.applies(m) for m in server.repository.models.values()):
+            ext.install(app, server)
+            server.extensions.append(ext.name)
+    # the hot path: POST .../infer is answered in front of FastAPI (no middleware stack, routing or
+    # Request objects per inference request)
+    return InferMiddleware(app, server)

@@ -1,0 +1,54 @@
+"""Shared test set-up: an isolated artifact cache per test process, quiet libraries, small helpers."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import pytest
+
+# every test process gets its own cache: tests never read or write the user's .deepship-cache
+os.environ["DEEPSHIP_CACHE"] = tempfile.mkdtemp(prefix="deepship-test-cache-")
+os.environ.setdefault("DEEPSHIP_THREADS", "1")
+warnings.filterwarnings("ignore")
+logging.getLogger("torch").setLevel(logging.ERROR)
+
+FIXTURES = Path(__file__).parent / "fixtures"
+if str(FIXTURES) not in sys.path:
+    sys.path.insert(0, str(FIXTURES))
+
+
+@pytest.fixture(scope="session")
+def zoo_ctx():
+    """``zoo_ctx(name)`` -> a cached :class:`ModelContext` for a zoo model (packaged weights)."""
+    from deepship import api
+
+    cache: dict = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = api.load(name)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture
+def cli():
+    """Run the ``optimize`` CLI in-process; returns (exit code, stdout, stderr)."""
+    from typer.testing import CliRunner
+
+    from deepship.cli import app
+
+    runner = CliRunner()
+
+    def run(*args: str):
+        res = runner.invoke(app, [str(a) for a in args])
+        if res.exception is not None and not isinstance(res.exception, SystemExit):
+            raise res.exception
+        return res.exit_code, res.stdout, res.stderr
+
+    return run

@@ -1,0 +1,302 @@
+"""GPT decoder: tokenizer, KV cache, ONNX export parity, generation, speculative decoding, bad input.
+
+Everything runs on a CPU with 2 cores; the ONNX export is done once for a tiny random model (module
+fixture), and the trained ``gpt``/``gpt-draft`` come from the committed weights.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from deepship.errors import InputSpecError
+from deepship.models import gpt as G
+from deepship.runtimes import generate as R
+from deepship.runtimes.session import OrtSession, TorchSession
+
+TINY = G.GPTConfig(vocab_size=1024, context=64, n_layer=2, n_head=2, d_model=32)
+TINY_DRAFT = G.GPTConfig(vocab_size=1024, context=64, n_layer=1, n_head=2, d_model=16)
+
+
+def _tiny(cfg: G.GPTConfig, seed: int) -> G.GPT:
+    torch.manual_seed(seed)
+    m = G.GPT(cfg).eval()
+    with torch.no_grad():  # larger weights than the init, so greedy paths are not degenerate
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.mul_(8.0)
+    return m
+
+
+def _torch_session(m: G.GPT) -> TorchSession:
+    return TorchSession(m, G.input_names(m.cfg), G.output_names(m.cfg), threads=1)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return _tiny(TINY, 0)
+
+
+@pytest.fixture(scope="module")
+def exported(tiny, tmp_path_factory):
+    from deepship.exporters.kv import export_kv
+
+    d = tmp_path_factory.mktemp("kv")
+    res = export_kv(tiny, TINY, d, prompt=np.random.default_rng(0).integers(0, 1024, (2, 16)))
+    return res
+
+
+@pytest.fixture(scope="module")
+def trained():
+    target, tcfg = G.load_trained("gpt")
+    draft, dcfg = G.load_trained("gpt-draft")
+    return target, tcfg, draft, dcfg
+
+
+# ---- tokenizer -------------------------------------------------------------------------------------
+
+def test_tokenizer_round_trip_on_heldout_and_unusual_text():
+    held = G.shakespeare_text()[1]
+    for text in (held[:5000], "Hello wörld ✓ — naïve café\n\n\tKING RICHARD III:", " leading and  double  spaces "):
+        ids = G.encode(text)
+        assert ids.dtype == np.int64 and ids.max() < G.TARGET.vocab_size
+        assert G.decode(ids) == text
+    assert G.tokenizer().get_vocab_size() == G.TARGET.vocab_size
+    assert G.tokenizer().token_to_id(G.EOS) == 0
+    # BPE compresses: well under one token per character on prose
+    assert len(G.encode(held[:5000])) < 0.6 * 5000
+
+
+def test_heldout_text_is_kept_apart():
+    train, held = G.shakespeare_text()
+    assert held and train and not train.endswith(held[:200])
+    assert len(held) / (len(train) + len(held)) == pytest.approx(G.HELDOUT_FRACTION, abs=0.01)
+    tr_ids, he_ids = G.corpus()
+    assert len(he_ids) > 10_000 and len(tr_ids) > 8 * len(he_ids)
+
+
+# ---- KV cache ---------------------------------------------------------------------------------------
+
+def test_kv_cache_decode_equals_full_recompute(tiny):
+    ids = torch.from_numpy(np.random.default_rng(1).integers(0, 1024, (3, 40)))
+    with torch.no_grad():
+        full = tiny(ids)[0]
+        out = tiny(ids[:, :10])
+        steps, cache = [out[0]], list(out[1:])
+        for t in range(10, 40, 3):  # chunks of 3 tokens, then 1 at the end
+            out = tiny(ids[:, t:t + 3], *cache)
+            steps.append(out[0])
+            cache = list(out[1:])
+    inc = torch.cat(steps, 1)
+    assert inc.shape == full.shape
+    assert torch.allclose(inc, full, atol=1e-5, rtol=1e-4)
+    assert cache[0].shape == (3, TINY.n_head, 40, TINY.head_dim)
+
+
+def test_generation_runners_agree_torch_and_onnx(tiny, exported):
+    prompt = np.random.default_rng(2).integers(0, 1024, (2, 7))
+    layout = TINY.layout()
+    dec, pre = OrtSession(exported.decode, threads=1), OrtSession(exported.prefill, threads=1)
+    runners = {"torch-arrays": R.make_runner(_torch_session(tiny), layout),
+               "ort-arrays": R.make_runner(dec, layout, mode="arrays"),
+               "ort-iobinding": R.make_runner(dec, layout, pre),
+               "ort-iobinding-no-prefill": R.make_runner(dec, layout),
+               "recompute": R.make_runner(dec, layout, pre, mode="recompute")}
+    outs = {k: R.generate(r, prompt, 30).tokens for k, r in runners.items()}
+    for k, v in outs.items():
+        assert v.shape == (2, 30)
+        np.testing.assert_array_equal(v, outs["torch-arrays"], err_msg=k)
+    assert isinstance(runners["ort-iobinding"], R.IOBindingKVRunner)
+
+
+def test_generate_limits_stops_and_context(tiny):
+    layout = TINY.layout()
+    r = R.make_runner(_torch_session(tiny), layout)
+    ref = R.generate(r, [5, 6, 7], 20).row(0)
+    stop = int(ref[4])
+    res = R.generate(r, [5, 6, 7], 20, stop_tokens=[stop])
+    first = int(np.flatnonzero(ref == stop)[0])
+    assert res.finish_reasons == ["stop"] and res.lengths[0] == first + 1 and res.row(0)[-1] == stop
+    res = R.generate(r, np.arange(60), 50)  # 60-token prompt, context 64: 5 new tokens fit
+    assert res.finish_reasons == ["context"] and res.lengths[0] == 5
+    res = R.generate(r, [1, 2], 8, R.Sampling(greedy=False, temperature=0.8, top_k=20, top_p=0.9, seed=3))
+    again = R.generate(r, [1, 2], 8, R.Sampling(greedy=False, temperature=0.8, top_k=20, top_p=0.9, seed=3))
+    np.testing.assert_array_equal(res.tokens, again.tokens)  # seeded
+
+
+def test_top_k_top_p_filters():
+    logits = np.log(np.array([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+    p = R.probabilities(logits, R.Sampling(greedy=False, top_k=2))
+    np.testing.assert_allclose(p, [[0.5 / 0.7, 0.2 / 0.7, 0, 0, 0]], atol=1e-12)
+    p = R.probabilities(logits, R.Sampling(greedy=False, top_p=0.8))  # 0.5+0.2 < 0.8 -> keep 3
+    np.testing.assert_allclose(p, [[0.5 / 0.85, 0.2 / 0.85, 0.15 / 0.85, 0, 0]], atol=1e-12)
+    p = R.probabilities(logits, R.Sampling(greedy=False, top_p=0.3))  # the top token alone
+    np.testing.assert_allclose(p, [[1, 0, 0, 0, 0]], atol=1e-12)
+    assert R.probabilities(logits, R.Sampling()).argmax() == 0
+
+
+# ---- ONNX export ------------------------------------------------------------------------------------
+
+def test_onnx_parity_prefill_and_32_decode_steps(exported):
+    import onnx
+
+    st = exported.parity["steps"]
+    assert st["ok"] and st["steps"] == 32 and st["same_argmax"] == 1.0
+    assert st["max_abs_logits"] < 1e-4 and st["max_abs_cache"] < 1e-4
+    for g in ("decode", "prefill"):
+        assert exported.parity[g]["ok"] and exported.parity[g]["second_shape"]["max_abs"] < 1e-4
+    m = onnx.load(str(exported.decode))
+    ins = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in m.graph.input}
+    outs = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in m.graph.output}
+    assert list(ins) == G.input_names(TINY) and list(outs) == G.output_names(TINY)
+    b, h, p, d = ins["past_key_values.1.value"]
+    assert isinstance(b, str) and isinstance(p, str) and (h, d) == (TINY.n_head, TINY.head_dim)
+    assert all(isinstance(x, str) for x in ins["input_ids"])
+    assert [i.name for i in onnx.load(str(exported.prefill)).graph.input] == ["input_ids"]
+    # the decode graph also takes an empty cache and several new tokens (verification pass)
+    sess = OrtSession(exported.decode, threads=1)
+    out = sess.run({"input_ids": np.array([[1, 2, 3]]), **G.empty_past(TINY, 1)})
+    assert out["logits"].shape == (1, 3, 1024) and out["present.0.key"].shape == (1, 2, 3, 16)
+
+
+# ---- speculative decoding ---------------------------------------------------------------------------
+
+def test_speculative_greedy_equals_target_greedy_tiny_onnx_iobinding(tiny, exported):
+    """Rollback of the IOBinding ping-pong buffers: a weak draft makes many rejections."""
+    layout = TINY.layout()
+    dec, pre = OrtSession(exported.decode, threads=1), OrtSession(exported.prefill, threads=1)
+    target = R.make_runner(dec, layout, pre)
+    draft = R.make_runner(_torch_session(_tiny(TINY_DRAFT, 5)), TINY_DRAFT.layout())
+    prompt = np.random.default_rng(4).integers(0, 1024, 9)
+    ref = R.generate(target, prompt, 40).row(0)
+    for k in (1, 3, 6):
+        res = R.speculative_generate(target, draft, prompt, 40, k=k)
+        np.testing.assert_array_equal(res.row(0), ref, err_msg=f"k={k}")
+        assert res.proposed > 0 and 0 <= res.accepted <= res.proposed
+
+
+def test_speculative_greedy_equals_target_greedy_on_real_prompts(trained):
+    target, tcfg, draft, dcfg = trained
+    t = R.make_runner(_torch_session(target), tcfg.layout())
+    d = R.make_runner(_torch_session(draft), dcfg.layout())
+    prompts = ["ROMEO:\nBut soft, what light", "KING HENRY VI:\nWhat says my lord of Warwick?",
+               G.shakespeare_text()[1][1000:1200]]
+    acc = []
+    for text in prompts:
+        ids = G.encode(text)
+        ref = R.generate(t, ids, 48).row(0)
+        for k in (2, 5):
+            res = R.speculative_generate(t, d, ids, 48, k=k)
+            np.testing.assert_array_equal(res.row(0), ref, err_msg=f"{text[:20]!r} k={k}")
+            assert res.target_calls < 48  # fewer target passes than tokens
+            acc.append(res.acceptance_rate)
+    assert 0.0 < min(acc) and max(acc) <= 1.0
+
+
+class _TableRunner(R.KVRunner):
+    """A toy 'model' over a small vocabulary: next-token logits are a table row picked by the last
+    token (a bigram model). Cache = the token history, so truncation is exact."""
+
+    def __init__(self, table: np.ndarray, context: int = 64):
+        self.table = table
+        self.layout = R.KVLayout(1, 1, 1, table.shape[0], context)
+
+    def reset(self, batch):
+        self.batch, self.length, self.hist = batch, 0, np.zeros((batch, 0), np.int64)
+
+    def forward(self, ids):
+        self._check(ids)
+        self.hist = np.concatenate([self.hist, ids], 1)
+        self.length = self.hist.shape[1]
+        return self.table[ids]
+
+    def truncate(self, n):
+        self.hist, self.length = self.hist[:, :n], min(self.length, n)
+
+
+def test_speculative_sampling_keeps_the_target_distribution():
+    """Chi-square test: the first 3 tokens after a fixed prompt from speculative sampling (k=2,
+    a draft that disagrees with the target) against the target's exact distribution, computed by
+    enumeration. The draft's own distribution must fail the same test (the test has power)."""
+    from scipy.stats import chisquare
+
+    V = 4
+    rng = np.random.default_rng(0)
+    tgt = rng.normal(0, 1.5, (V, V))
+    drf = tgt + rng.normal(0, 1.5, (V, V))
+    sampling = R.Sampling(greedy=False, temperature=1.0)
+
+    def exact(table):
+        p = R.probabilities(table, sampling)  # row = last token
+        out = np.zeros((V, V, V))
+        for a in range(V):
+            for b in range(V):
+                for c in range(V):
+                    out[a, b, c] = p[1, a] * p[a, b] * p[b, c]
+        return out.reshape(-1)
+
+    n = 6000
+    counts = np.zeros(V ** 3)
+    t, d = _TableRunner(tgt), _TableRunner(drf)
+    for i in range(n):
+        res = R.speculative_generate(t, d, [1], 3, k=2, sampling=R.Sampling(greedy=False, seed=i))
+        a, b, c = res.row(0)
+        counts[(a * V + b) * V + c] += 1
+    p_target, p_draft = exact(tgt), exact(drf)
+    assert chisquare(counts, p_target * n).pvalue > 1e-3
+    assert chisquare(counts, p_draft * n).pvalue < 1e-6
+
+
+# ---- bad input ---------------------------------------------------------------------------------------
+
+def test_bad_input_errors(tiny):
+    layout = TINY.layout()
+    r = R.make_runner(_torch_session(tiny), layout)
+    d = R.make_runner(_torch_session(_tiny(TINY_DRAFT, 1)), TINY_DRAFT.layout())
+    cases = [
+        (lambda: R.generate(r, [], 5), "empty"),
+        (lambda: R.generate(r, np.arange(64) % 1000, 5), "context"),
+        (lambda: R.generate(r, [3, 1024], 5), "unknown token id 1024"),
+        (lambda: R.generate(r, [3, -1], 5), "unknown token id -1"),
+        (lambda: R.generate(r, [3], 0), "max-new-tokens"),
+        (lambda: R.generate(r, [3], 5, R.Sampling(greedy=False, top_p=1.5)), "top-p"),
+        (lambda: R.speculative_generate(r, d, [3], 5, k=0), "--k 0"),
+        (lambda: R.speculative_generate(r, d, [3], 5, k=-2), "--k -2"),
+        (lambda: R.speculative_generate(r, d, [[3], [4]], 5, k=2), "one prompt at a time"),
+        (lambda: R.speculative_generate(r, _TableRunner(np.zeros((8, 8))), [3], 5, k=2), "vocabulary"),
+        (lambda: G.encode(""), "empty"),
+        (lambda: G.decode([5000]), "outside the vocabulary"),
+    ]
+    for fn, words in cases:
+        with pytest.raises(InputSpecError) as e:
+            fn()
+        msg = str(e.value)
+        assert words in msg and "\n" not in msg, msg
+
+
+def test_cli_generate_bad_input_exits_2():
+    from typer.testing import CliRunner
+
+    from deepship.cli import app
+
+    for args, words in ((["generate", "gpt", "--prompt", ""], "empty"),
+                        (["generate", "gpt", "--prompt", "ROMEO:", "--speculative", "--k", "0"], "--k 0"),
+                        (["generate", "gpt", "--prompt", "x" * 2000], "context"),
+                        (["generate", "gpt", "--prompt", "ROMEO:", "--stop", "ROMEO and JULIET"], "one token")):
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 2, (args, res.output)
+        assert words in " ".join(res.output.split()), res.output
+
+
+def test_zoo_specs_and_bigram_reference():
+    from deepship.models import resolve
+
+    spec, dspec = resolve("gpt"), resolve("gpt-draft")
+    assert spec.metric.name == "perplexity" and not spec.metric.higher_is_better
+    assert [t.name for t in spec.inputs] == G.input_names(G.TARGET)
+    assert G.config_of(dspec).vocab_size == G.config_of(spec).vocab_size
+    assert G.config_of(dspec).n_layer < G.config_of(spec).n_layer
+    plan = spec.plan([])
+    assert [p[0] for p in plan] == ["fp32-onnx", "int8-dynamic", "int4-b32", "int4-b128"]
+    b = G.bigram_baseline()
+    assert b["metric"] == "perplexity" and 10 < b["value"] < G.TARGET.vocab_size
