@@ -123,6 +123,28 @@ def check_onnx_file(path: str | os.PathLike) -> None:
                                     "keep the .onnx and its .data file in the same folder")
 
 
+_OPT_LEVELS = ("all", "extended", "basic", "disabled")
+
+
+def session_options(graph_optimization_level: str = "all", threads: int | None = None):
+    """``onnxruntime.SessionOptions`` as deepship runs every ONNX Runtime session: ``threads``
+    intra-op threads (default :func:`default_threads`), 1 inter-op thread, errors-only logging, and the
+    graph optimization level ``"all"``, ``"extended"``, ``"basic"`` or ``"disabled"``."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads or default_threads()
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    so.graph_optimization_level = {
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    }[graph_optimization_level]
+    return so
+
+
 class OrtSession(Session):
     """ONNX Runtime inference session.
 
@@ -146,17 +168,8 @@ class OrtSession(Session):
         import onnxruntime as ort
 
         check_onnx_file(path)
-        so = ort.SessionOptions()
         self.threads = threads or default_threads()
-        so.intra_op_num_threads = self.threads
-        so.inter_op_num_threads = 1
-        so.log_severity_level = 3
-        so.graph_optimization_level = {
-            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        }[graph_optimization_level]
+        so = session_options(graph_optimization_level, self.threads)
         for k, v in (options or {}).items():
             setattr(so, k, v)
         try:

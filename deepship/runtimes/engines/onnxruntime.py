@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import ArtifactError, StageError
-from ..session import OrtSession
+from ..session import OrtSession, session_options
 from . import register_backend
 
 
@@ -78,7 +78,7 @@ class OnnxRuntimeBackend:
         del sess
         level = "all" if gpu_first else "disabled"
         _, rec = create_session(out_dir / "model.ort.onnx", providers, options,
-                                so=_session_options(level, threads or None), strict=bool(params.get("strict")))
+                                so=session_options(level, threads or None), strict=bool(params.get("strict")))
         opts = {"backend": "onnxruntime", "graph_optimization_level": level, "execution_mode": "sequential",
                 "intra_op_num_threads": threads or None, "inter_op_num_threads": 1,
                 "providers": rec.loaded, "requested": providers, "provider_options": options,
@@ -96,24 +96,6 @@ class OnnxRuntimeBackend:
         return EngineOrtSession(variant.path, opts.get("requested") or opts["providers"], opts.get("provider_options"),
                                 threads=threads or opts.get("intra_op_num_threads"),
                                 graph_optimization_level=opts.get("graph_optimization_level", "disabled"))
-
-
-def _session_options(level: str, threads: int | None):
-    import onnxruntime as ort
-
-    from ..session import default_threads
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads or default_threads()
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    so.graph_optimization_level = {
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    }[level]
-    return so
 
 
 class EngineOrtSession(OrtSession):
@@ -135,7 +117,7 @@ class EngineOrtSession(OrtSession):
         self.threads = threads or default_threads()
         try:
             self.sess, rec = create_session(path, providers, provider_options,
-                                            so=_session_options(graph_optimization_level, self.threads))
+                                            so=session_options(graph_optimization_level, self.threads))
         except StageError as e:
             raise ArtifactError(str(e)) from None
         self.provider_record = rec.to_dict()

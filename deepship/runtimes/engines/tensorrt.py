@@ -91,27 +91,13 @@ def dim_range(name: str, ranges: Mapping[str, Sequence[int]] | None = None) -> t
     return tuple(int(x) for x in r)  # type: ignore[return-value]
 
 
-def onnx_input_dims(path: str | Path) -> list[tuple[str, list[int | str]]]:
-    """``[(input name, dims)]`` of an ONNX model; a dynamic dim is its ``dim_param`` name (or ``"?"``)."""
-    import onnx
-
-    m = onnx.load(str(path), load_external_data=False)
-    inits = {i.name for i in m.graph.initializer}
-    out = []
-    for i in m.graph.input:
-        if i.name in inits:
-            continue
-        dims: list[int | str] = []
-        for d in i.type.tensor_type.shape.dim:
-            dims.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?"))
-        out.append((i.name, dims))
-    return out
-
-
 def profile_shapes(path: str | Path, ranges: Mapping[str, Sequence[int]] | None = None) -> dict[str, dict[str, list[int]]]:
     """``{input: {"min": [...], "opt": [...], "max": [...]}}`` for the inputs with dynamic dims."""
+    from ...models.user import onnx_spec
+
     out = {}
-    for name, dims in onnx_input_dims(path):
+    for t in onnx_spec(str(path)).inputs:
+        name, dims = t.name, list(t.dims)
         if all(isinstance(d, int) for d in dims):
             continue
         out[name] = {k: [d if isinstance(d, int) else dim_range(d, ranges)[i] for d in dims]
