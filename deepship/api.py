@@ -150,6 +150,7 @@ def distill(ctx: ModelContext, student: str | None = None, temperature: float = 
 
     if not ctx.has_torch:
         raise StageError(f"cannot distill '{ctx.spec.name}': it is an ONNX file; distillation needs the torch teacher")
+    D.check_distillable(ctx)
     parent = source or ctx.baseline()
     params = D.resolve_params(ctx, parent, student, temperature, alpha, epochs, seed)
     name = name or D.student_name(student, params, with_teacher=alpha < 1.0)

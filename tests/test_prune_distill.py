@@ -252,6 +252,13 @@ def test_api_rejects_onnx_parent_and_bad_args(ctxs):
     with pytest.raises(StageError, match="unknown importance"):
         P.structured_prune(ctx.fresh_module(), (torch.rand(2, 1, 8, 8),), 0.5, "taylor")
 
+    class Attention(nn.Module):  # custom multi-head attention (as in a GPT block): heads must be registered
+        def __init__(self):
+            super().__init__()
+            self.n_head, self.qkv, self.proj = 2, nn.Linear(8, 24), nn.Linear(8, 8)
+
+    assert "attention heads" in P.why_not_structured(nn.Sequential(Attention(), nn.Linear(8, 2)))
+
 
 def test_sweep_gives_one_row_per_sparsity(run_cli, tmp_path):
     code, out, err = run_cli("prune", "mlp", "--sparsity", "0.25,0.75", "--finetune-steps", "0", "--batches", "2",

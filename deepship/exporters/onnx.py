@@ -108,6 +108,19 @@ def _fixed_dims(model_proto, inputs: Sequence[TensorSpec]) -> list[str]:
     return bad
 
 
+def _clear_rnn_dispatch_caches() -> None:
+    """torch 2.13: the exporter swaps in a while_loop LSTM/GRU decomposition (a py_kernel) for each
+    export, but the ops keep a dispatch cache from the previous export, so a second RNN export in one
+    process unrolls the time loop and fixes the sequence length. Clearing the caches keeps every export
+    dynamic (the fixed-dim check below would otherwise reject the second export)."""
+    import torch
+
+    for op in (torch.ops.aten.lstm.input, torch.ops.aten.gru.input):
+        cache = getattr(op, "_dispatch_cache", None)
+        if cache is not None:
+            cache.clear()
+
+
 def export_onnx(model: Any, spec: ModelSpec, out_path: str | Path, opset: int = DEFAULT_OPSET,
                 check_parity: bool = True, atol: float = 1e-4, rtol: float = 1e-3) -> ExportResult:
     """Export ``model`` (eval mode) to ``out_path`` and check it.
@@ -140,6 +153,10 @@ def export_onnx(model: Any, spec: ModelSpec, out_path: str | Path, opset: int = 
     handler = logging.StreamHandler(log)
     lg = logging.getLogger("torch")
     lg.addHandler(handler)
+    # torch sets its loggers' levels when torch.onnx is imported; the registry warns about every
+    # missing torchvision op on each export, which says nothing about the user's model
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    _clear_rnn_dispatch_caches()
     with tempfile.TemporaryDirectory() as td:
         raw = Path(td) / "raw.onnx"
         try:

@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import StageError
-from .prune import arch_support, chain_entries, count_parameters, parent_module, save_torch_variant, train_threads
+from . import prune as P  # module import: prune.py and this file import each other through stages.py
 from .stages import ModelContext, register_stage
 from .variants import Variant
 
@@ -166,7 +166,7 @@ def derive_student(teacher: nn.Module, teacher_arch: dict | None, width: float =
     Raises:
         StageError: the teacher's class is not registered (no known width keys), or bad width/layers.
     """
-    sup = arch_support(teacher)
+    sup = P.arch_support(teacher)
     if sup is None or teacher_arch is None:
         raise StageError(f"cannot derive a student from {type(teacher).__name__}: its architecture is not registered; "
                          "give --student package.module:factory")
@@ -266,6 +266,24 @@ def teacher_outputs(teacher: nn.Module, inputs: np.ndarray, batch_size: int = 25
     return np.concatenate(outs)
 
 
+def check_distillable(ctx: ModelContext) -> None:
+    """Check up front that ``ctx``'s model can be distilled here.
+
+    Raises:
+        StageError: no labeled training data, a task without a distillation loss, or more than one input.
+    """
+    spec = ctx.spec
+    if spec.task not in DISTILL_LOSSES:
+        raise StageError(f"no distillation loss for task '{spec.task}' of '{spec.name}'; tasks with one: "
+                         f"{', '.join(DISTILL_LOSSES)}")
+    if len(spec.inputs) != 1:
+        raise StageError(f"distillation here trains single-input models; '{spec.name}' takes {len(spec.inputs)} inputs "
+                         f"({', '.join(t.name for t in spec.inputs)})")
+    ds = ctx.dataset()
+    if ds is None or ds.train.targets is None:
+        raise StageError(f"distilling '{spec.name}' needs labeled training data; pass --data with inputs and targets")
+
+
 def distill_train(ctx: ModelContext, teacher: nn.Module, student: nn.Module, temperature: float = DEFAULT_TEMPERATURE,
                   alpha: float = DEFAULT_ALPHA, epochs: int | None = None, seed: int | None = None) -> dict:
     """Train ``student`` in place on the training split with the task's distillation loss.
@@ -285,13 +303,8 @@ def distill_train(ctx: ModelContext, teacher: nn.Module, student: nn.Module, tem
     from ..models.train import _train
 
     spec = ctx.spec
+    check_distillable(ctx)
     ds = ctx.dataset()
-    if ds is None or ds.train.targets is None:
-        raise StageError(f"distilling '{spec.name}' needs labeled training data; pass --data with inputs and targets")
-    if spec.task not in DISTILL_LOSSES:
-        raise StageError(f"no distillation loss for task '{spec.task}'; tasks with one: {', '.join(DISTILL_LOSSES)}")
-    if len(spec.inputs) != 1:
-        raise StageError(f"distillation here trains single-input models; '{spec.name}' takes {len(spec.inputs)} inputs")
     recipe = {"epochs": 30, "lr": 1e-3, "batch_size": 64, "weight_decay": 0.0, "seed": 0, **(spec.recipe or {})}
     recipe["epochs"] = int(epochs) if epochs is not None else int(recipe["epochs"]) * DEFAULT_EPOCH_FACTOR
     if seed is not None:
@@ -321,7 +334,7 @@ def distill_train(ctx: ModelContext, teacher: nn.Module, student: nn.Module, tem
         def loss_fn(out, yp):
             return regression_kd_loss(out, yp[..., k:], yp[..., :k], a, scale)
 
-    with train_threads(student):
+    with P.train_threads(student):
         stats = _train(student, train, recipe, loss_fn, torch.float32)
     student.eval()
     return {**stats, "epochs": recipe["epochs"], "seed": recipe["seed"]}
@@ -332,17 +345,17 @@ def distill_train(ctx: ModelContext, teacher: nn.Module, student: nn.Module, tem
 @register_stage("distill", "kd", "torch", "torch")
 def _distill_stage(ctx: ModelContext, parent: Variant, params: dict, out: Path):
     """Train a smaller student on the teacher's softened outputs (Hinton et al. 2015; MSE for regression)."""
-    teacher = parent_module(ctx, parent)
+    teacher = P.parent_module(ctx, parent)
     if "arch" not in params and "factory" not in params:
         params = {**params, **parse_student(params.get("student"), teacher, _teacher_arch(ctx, parent))}
     student = _build_student(ctx, params)
     T = float(params.get("temperature", DEFAULT_TEMPERATURE))
     a = float(params.get("alpha", DEFAULT_ALPHA))
     stats = distill_train(ctx, teacher, student, T, a, params.get("epochs"), params.get("seed"))
-    files, saved = save_torch_variant(ctx, student, out)
+    files, saved = P.save_torch_variant(ctx, student, out)
     if "arch" in params and saved.get("arch") is None and files[0].endswith(".safetensors"):
         saved["arch"] = params["arch"]
-    n_s, n_t = count_parameters(student), count_parameters(teacher)
+    n_s, n_t = P.count_parameters(student), P.count_parameters(teacher)
     return files, {**saved, "student_arch": params.get("arch") or params.get("factory"), "parameters": n_s,
                    "teacher_parameters": n_t, "param_ratio": n_s / max(n_t, 1), "temperature": T, "alpha": a,
                    "with_teacher": a < 1.0, "loss_name": DISTILL_LOSSES[ctx.spec.task][0] if a < 1.0 else "labels only",
@@ -363,7 +376,9 @@ def resolve_params(ctx: ModelContext, parent: Variant, student: str | None, temp
     Raises:
         StageError: a SPEC that does not parse or does not fit the teacher (see :func:`parse_student`).
     """
-    teacher = ctx.torch_session(parent).module
+    check_distillable(ctx)
+    # the teacher's class and arch are all parse_student needs: an untrained baseline avoids loading weights
+    teacher = ctx.fresh_module() if parent.stage == "baseline" else ctx.torch_session(parent).module
     p: dict[str, Any] = {**parse_student(student, teacher, _teacher_arch(ctx, parent)),
                          "temperature": float(temperature), "alpha": float(alpha)}
     p["epochs"] = int(epochs) if epochs is not None else \
@@ -402,7 +417,7 @@ def distill_entries(width: float = DEFAULT_WIDTH, temperature: float = DEFAULT_T
     base.update({"epochs": int(epochs)} if epochs is not None else {"epochs_factor": DEFAULT_EPOCH_FACTOR})
     out = [(f"distilled-{tag}", "distill", "kd", {**base, "alpha": float(alpha)}, parent)]
     if export:
-        out += chain_entries(f"distilled-{tag}", quantize)
+        out += P.chain_entries(f"distilled-{tag}", quantize)
     if control:
         out.append((f"student-{tag}-scratch", "distill", "kd", {**base, "alpha": 1.0}, parent))
     return out

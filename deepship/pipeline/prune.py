@@ -278,9 +278,11 @@ def why_not_structured(module: Any) -> str | None:
                         f"bidirectional={m.bidirectional}, proj_size={getattr(m, 'proj_size', 0)}: hidden-unit "
                         "pruning here handles single-layer, unidirectional RNNs without projection (stack them as "
                         "separate layers)")
-        if isinstance(m, nn.MultiheadAttention) and not arch_support(module):
-            return (f"layer '{name}' is an nn.MultiheadAttention whose head count torch-pruning must be told: "
-                    "register the architecture with deepship.pipeline.prune.register_architecture(num_heads=...)")
+        heads = getattr(m, "num_heads", None) or getattr(m, "n_head", None)
+        if isinstance(heads, int) and heads > 1 and not arch_support(module):
+            return (f"layer '{name}' ({type(m).__name__}) splits its width into {heads} attention heads, which "
+                    "torch-pruning must be told about or the head reshapes break: register the architecture with "
+                    "deepship.pipeline.prune.register_architecture (pruner_kwargs num_heads=..., prune_num_heads=True)")
     if not any(isinstance(m, PRUNABLE_TYPES) for m in module.modules()):
         return "it has no Conv, Linear, LSTM, GRU or RNN layer whose channels could be removed"
     return None
@@ -889,11 +891,12 @@ def prunable(ctx: ModelContext, method: str = "structured", source: Variant | No
     if not ctx.has_torch:
         raise StageError(f"cannot prune '{ctx.spec.name}': it is an ONNX file and pruning works on the torch model; "
                          "give the torch model (zoo name, package.module:factory)")
-    parent = source or ctx.baseline()
-    if parent.format != "torch":
-        raise StageError(f"cannot prune '{parent.name}': it is {parent.format}; prune the torch model, then export")
+    if source is not None and source.format != "torch":
+        raise StageError(f"cannot prune '{source.name}': it is {source.format}; prune the torch model, then export")
     if method == "structured":
-        why = why_not_structured(ctx.torch_session(parent).module)
+        # the architecture is all that matters here: an untrained module avoids loading (or training) weights
+        module = ctx.fresh_module() if source is None or source.stage == "baseline" else ctx.torch_session(source).module
+        why = why_not_structured(module)
         if why:
             raise StageError(f"cannot prune '{ctx.spec.name}' structurally: {why}; use --unstructured")
 

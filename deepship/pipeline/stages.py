@@ -285,13 +285,6 @@ def _export(ctx: ModelContext, parent: Variant, params: dict, out: Path):
     from ..exporters.onnx import DEFAULT_OPSET, export_onnx
 
     module = ctx.torch_session(parent).module
-    # torch 2.13: the exporter swaps in a while_loop LSTM/GRU decomposition (a py_kernel) for each export,
-    # but the ops keep a dispatch cache from the previous export, so a second RNN export in one process
-    # unrolls the time loop and fixes the sequence length; clearing the caches keeps every export dynamic.
-    import torch
-
-    for op in (torch.ops.aten.lstm.input, torch.ops.aten.gru.input):
-        op._dispatch_cache.clear()
     res = export_onnx(module, ctx.spec, out / "model.onnx", opset=int(params.get("opset", DEFAULT_OPSET)))
     return [f.name for f in res.files], {"opset": res.opset, "parity": res.parity, "dynamic_dims": res.dynamic_dims,
                                          "exporter": "torch.onnx.export(dynamo=True)"}
