@@ -200,7 +200,7 @@ def report_cmd(models: List[str] = typer.Argument(None, help=f"models ({MODEL_HE
                methods: Optional[str] = typer.Option(None, help="comma-separated quantize methods (default all)"),
                batches: str = typer.Option("1,32", help="comma-separated batch sizes to time"),
                threads: Optional[int] = typer.Option(None, help="intra-op threads (default: all cores)"),
-               min_time: float = typer.Option(0.5, help="minimum timed seconds per variant and batch"),
+               min_time: float = typer.Option(0.25, help="minimum timed seconds per variant and batch"),
                inputs: List[str] = typer.Option(None, "--input", help=INPUT_HELP),
                weights: Optional[str] = typer.Option(None),
                data: Optional[str] = typer.Option(None, help=".npz with inputs and targets for a user model"),
@@ -427,7 +427,7 @@ def generate_cmd(model: str = typer.Argument("gpt", help="decoder zoo name (gpt)
                  top_p: Optional[float] = typer.Option(None, "--top-p", help="nucleus top-p filter (with --sample)"),
                  seed: int = typer.Option(0, help="sampling seed"),
                  stop: List[str] = typer.Option(None, "--stop", help="one-token stop string, e.g. $'\\n'; repeatable"),
-                 threads: Optional[int] = typer.Option(None, help="intra-op threads (default: all cores)"),
+                 threads: int = typer.Option(1, help="intra-op threads (1 is fastest for batch-1 decoding of this model)"),
                  as_json: bool = typer.Option(False, "--json", help="print the result as JSON")):
     """Generate text with the GPT decoder (KV cache; optionally speculative decoding with a draft)."""
     from . import api

@@ -99,8 +99,9 @@ def test_generation_runners_agree_torch_and_onnx(tiny, exported):
     dec, pre = OrtSession(exported.decode, threads=1), OrtSession(exported.prefill, threads=1)
     runners = {"torch-arrays": R.make_runner(_torch_session(tiny), layout),
                "ort-arrays": R.make_runner(dec, layout, mode="arrays"),
-               "ort-iobinding": R.make_runner(dec, layout, pre),
-               "ort-iobinding-no-prefill": R.make_runner(dec, layout),
+               "ort-iobinding": R.make_runner(dec, layout, pre, mode="iobinding"),
+               "ort-iobinding-no-prefill": R.make_runner(dec, layout, mode="iobinding"),
+               "ort-auto": R.make_runner(dec, layout, pre),
                "recompute": R.make_runner(dec, layout, pre, mode="recompute")}
     outs = {k: R.generate(r, prompt, 30).tokens for k, r in runners.items()}
     for k, v in outs.items():
@@ -153,6 +154,13 @@ def test_onnx_parity_prefill_and_32_decode_steps(exported):
     assert isinstance(b, str) and isinstance(p, str) and (h, d) == (TINY.n_head, TINY.head_dim)
     assert all(isinstance(x, str) for x in ins["input_ids"])
     assert [i.name for i in onnx.load(str(exported.prefill)).graph.input] == ["input_ids"]
+    # both graphs point into one external-data file: the weights are stored once
+    data = [f for f in exported.files if f.suffix == ".bin"]
+    assert len(data) == 1
+    for g in (exported.decode, exported.prefill):
+        locs = {kv.value for t in onnx.load(str(g), load_external_data=False).graph.initializer
+                for kv in t.external_data if kv.key == "location"}
+        assert locs == {data[0].name}
     # the decode graph also takes an empty cache and several new tokens (verification pass)
     sess = OrtSession(exported.decode, threads=1)
     out = sess.run({"input_ids": np.array([[1, 2, 3]]), **G.empty_past(TINY, 1)})
@@ -161,18 +169,19 @@ def test_onnx_parity_prefill_and_32_decode_steps(exported):
 
 # ---- speculative decoding ---------------------------------------------------------------------------
 
-def test_speculative_greedy_equals_target_greedy_tiny_onnx_iobinding(tiny, exported):
-    """Rollback of the IOBinding ping-pong buffers: a weak draft makes many rejections."""
+def test_speculative_greedy_equals_target_greedy_tiny_onnx(tiny, exported):
+    """Cache rollback (IOBinding ping-pong buffers and arrays): a weak draft makes many rejections."""
     layout = TINY.layout()
     dec, pre = OrtSession(exported.decode, threads=1), OrtSession(exported.prefill, threads=1)
-    target = R.make_runner(dec, layout, pre)
     draft = R.make_runner(_torch_session(_tiny(TINY_DRAFT, 5)), TINY_DRAFT.layout())
     prompt = np.random.default_rng(4).integers(0, 1024, 9)
-    ref = R.generate(target, prompt, 40).row(0)
-    for k in (1, 3, 6):
-        res = R.speculative_generate(target, draft, prompt, 40, k=k)
-        np.testing.assert_array_equal(res.row(0), ref, err_msg=f"k={k}")
-        assert res.proposed > 0 and 0 <= res.accepted <= res.proposed
+    for mode in ("iobinding", "arrays"):
+        target = R.make_runner(dec, layout, pre, mode=mode)
+        ref = R.generate(target, prompt, 40).row(0)
+        for k in (1, 3, 6):
+            res = R.speculative_generate(target, draft, prompt, 40, k=k)
+            np.testing.assert_array_equal(res.row(0), ref, err_msg=f"{mode} k={k}")
+            assert res.proposed > 0 and 0 <= res.accepted <= res.proposed and res.rejected > 0
 
 
 def test_speculative_greedy_equals_target_greedy_on_real_prompts(trained):
@@ -300,3 +309,35 @@ def test_zoo_specs_and_bigram_reference():
     assert [p[0] for p in plan] == ["fp32-onnx", "int8-dynamic", "int4-b32", "int4-b128"]
     b = G.bigram_baseline()
     assert b["metric"] == "perplexity" and 10 < b["value"] < G.TARGET.vocab_size
+
+
+def test_training_recipes_run_tiny_and_learn():
+    """The target's recipe and the draft's distillation recipe (with a pool of target-written text), on
+    a tiny configuration: both bring the held-out loss well under the uniform ``log(vocab)``."""
+    cfg = G.GPTConfig(vocab_size=G.TARGET.vocab_size, context=32, n_layer=1, n_head=2, d_model=32)
+    base = {**G.TARGET_RECIPE, "arch": cfg.to_dict(), "steps": 120, "batch_size": 8, "seq_len": 32,
+            "warmup": 10, "threads": 1}
+    held = G.corpus()[1][: 8 * 33].reshape(8, 33)
+    x, y = torch.from_numpy(held[:, :-1]), torch.from_numpy(held[:, 1:])
+
+    def heldout_loss(m):
+        with torch.no_grad():
+            logits = m(x)[0]
+        return float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)))
+
+    target = G.GPT(cfg)
+    untrained = heldout_loss(target.eval())
+    stats = G.train_gpt(target, None, base)
+    assert stats["train_s"] > 0 and np.isfinite(stats["final_loss"])
+    t_loss = heldout_loss(target)
+    assert t_loss < untrained - 1.0 and t_loss < np.log(cfg.vocab_size) - 1.0, (untrained, t_loss)
+
+    pool = G.target_continuations(target, cfg, {"sequences": 4, "prompt_tokens": 8, "greedy_fraction": 0.5,
+                                                "temperature": 1.0, "batch": 2, "seed": 1, "threads": 1})
+    assert pool.shape == (4, cfg.context + 1) and pool.dtype == np.int64
+    dcfg = G.GPTConfig(vocab_size=cfg.vocab_size, context=32, n_layer=1, n_head=2, d_model=16)
+    draft = G.GPT(dcfg)
+    G.train_gpt(draft, None, {**base, "arch": dcfg.to_dict(), "kd_temperature": 1.0, "kd_alpha": 0.1,
+                              "pool_batch": 2}, teacher=target, pool=pool)
+    d_loss = heldout_loss(draft)
+    assert d_loss < np.log(cfg.vocab_size) - 1.0, d_loss

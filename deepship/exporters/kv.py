@@ -17,7 +17,8 @@ cache forward, comparing logits and the whole present cache at every step.
 
 Importing this module registers the ``("export", "onnx-kv")`` stage (torch -> onnx) that the ``gpt``
 zoo entry's report plan uses; its artifact holds ``decode.onnx`` (the main file, which quantization
-stages consume) and ``prefill.onnx``.
+stages consume), ``prefill.onnx`` and ``weights.bin``: the weights, stored once as external data
+that both graphs point into (:func:`share_weights`), so the FP32 artifact is not twice the model.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from .onnx import DEFAULT_OPSET, export_onnx
 
 DECODE_FILE = "decode.onnx"
 PREFILL_FILE = "prefill.onnx"
+WEIGHTS_FILE = "weights.bin"  # external data shared by both graphs
 PARITY_STEPS = 32
 
 
@@ -110,8 +112,8 @@ def export_kv(model: Any, cfg: Any, out_dir: str | Path, opset: int = DEFAULT_OP
     dec = export_onnx(flat_inputs(model, [t.name for t in dspec.inputs]), dspec, out_dir / DECODE_FILE, opset=opset,
                       atol=atol, rtol=rtol)
     pre = export_onnx(model, pspec, out_dir / PREFILL_FILE, opset=opset, atol=atol, rtol=rtol)
-    res = KVExportResult(dec.path, pre.path, dec.files + pre.files, opset,
-                         parity={"decode": dec.parity, "prefill": pre.parity})
+    files = share_weights([dec.path, pre.path], out_dir / WEIGHTS_FILE)
+    res = KVExportResult(dec.path, pre.path, files, opset, parity={"decode": dec.parity, "prefill": pre.parity})
     if steps:
         if prompt is None:
             from ..models.gpt import heldout_prompts
@@ -119,6 +121,56 @@ def export_kv(model: Any, cfg: Any, out_dir: str | Path, opset: int = DEFAULT_OP
             prompt = heldout_prompts(2, 16)
         res.parity["steps"] = decode_parity(model, cfg, pre.path, dec.path, prompt, steps=steps, atol=atol, rtol=rtol)
     return res
+
+
+def share_weights(paths: list[Path], data_path: Path, min_bytes: int = 1024) -> list[Path]:
+    """Move the initializers of several ONNX graphs into one external-data file they share.
+
+    The prefill and decode graphs hold the same weights (under different names); stored once, the
+    FP32 artifact is one copy of the weights plus two small graphs. Tensors of at least ``min_bytes``
+    are stored once per distinct content (dtype, shape, bytes) in ``data_path`` (4 KB-aligned, as
+    ONNX external data), and every graph points into it. Files are written to temporary names and
+    renamed; the data file first, so no graph ever points at a missing file.
+
+    Returns:
+        the files: the graphs (in ``paths`` order) and ``data_path``.
+    """
+    import hashlib
+    import os
+
+    import onnx
+    from onnx import numpy_helper
+    from onnx.external_data_helper import set_external_data
+
+    models = [onnx.load(str(p)) for p in paths]
+    offsets: dict[str, tuple[int, int]] = {}
+    tmp_data = data_path.with_name(f".tmp-{data_path.name}")
+    with open(tmp_data, "wb") as f:
+        for m in models:
+            for init in m.graph.initializer:
+                arr = numpy_helper.to_array(init)
+                if arr.nbytes < min_bytes:
+                    continue
+                raw = arr.tobytes()
+                key = hashlib.sha256(f"{init.data_type}{list(init.dims)}".encode() + raw).hexdigest()
+                if key not in offsets:
+                    pad = (-f.tell()) % 4096
+                    f.write(b"\0" * pad)
+                    offsets[key] = (f.tell(), len(raw))
+                    f.write(raw)
+                off, length = offsets[key]
+                for field_name in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                    init.ClearField(field_name)
+                init.raw_data = raw
+                set_external_data(init, data_path.name, offset=off, length=length)
+                init.data_location = onnx.TensorProto.EXTERNAL
+                init.ClearField("raw_data")
+    os.replace(tmp_data, data_path)
+    for m, p in zip(models, paths):
+        tmp = p.with_name(f".tmp-{p.name}")
+        onnx.save_model(m, str(tmp))
+        os.replace(tmp, p)
+    return list(paths) + [data_path]
 
 
 def decode_parity(model: Any, cfg: Any, prefill_path: str | Path, decode_path: str | Path, prompt: np.ndarray,
@@ -199,11 +251,21 @@ def _register() -> None:
         cfg = config_of(ctx.spec)
         res = export_kv(module, cfg, out, opset=int(params.get("opset", DEFAULT_OPSET)),
                         steps=int(params.get("steps", PARITY_STEPS)))
-        files = [f.name for f in res.files]
-        files.sort(key=lambda f: (not f.startswith("decode"), f))  # decode.onnx is the main file
-        return files, {"opset": res.opset, "parity": res.parity["decode"], "parity_prefill": res.parity["prefill"],
+        files = [f.name for f in res.files]  # decode.onnx first: the main file, which quantization reads
+        parity = {k: ({**v, "shape": _compact(v["shape"])} if isinstance(v, dict) and "shape" in v else v)
+                  for k, v in res.parity["decode"].items()}
+        return files, {"opset": res.opset, "parity": parity, "parity_prefill": res.parity["prefill"],
                        "parity_steps": res.parity.get("steps"), "graphs": {"decode": DECODE_FILE, "prefill": PREFILL_FILE},
                        "exporter": "torch.onnx.export(dynamo=True)"}
+
+
+def _compact(shapes: dict) -> dict:
+    """``{input: shape}`` with the ``2 * n_layer`` past inputs folded into one ``past_key_values.*`` entry."""
+    out = {k: v for k, v in shapes.items() if not k.startswith("past_key_values.")}
+    past = [v for k, v in shapes.items() if k.startswith("past_key_values.")]
+    if past:
+        out["past_key_values.*"] = past[0]
+    return out
 
 
 _register()

@@ -494,7 +494,43 @@ def _draft_recipe() -> dict:
     return {"arch": DRAFT.to_dict(), "tokenizer": tokenizer_hash(), "teacher": recipe_hash(gpt_spec()),
             "steps": 1500, "batch_size": 2, "seq_len": DRAFT.context, "lr": 3e-3, "min_lr_ratio": 0.1,
             "warmup": 100, "weight_decay": 0.1, "betas": [0.9, 0.95], "grad_clip": 1.0, "seed": 0,
-            "threads": 2, "kd_temperature": 1.0, "kd_alpha": 0.1}
+            "threads": 1, "kd_temperature": 1.0, "kd_alpha": 0.1,
+            # half of every batch: continuations the target generated itself (greedy and sampled) after
+            # training-text prompts, so the draft also learns what the target says (its loops included)
+            "pool": {"sequences": 192, "prompt_tokens": 64, "greedy_fraction": 0.5, "temperature": 1.0,
+                     "batch": 32, "seed": 1, "threads": 1}, "pool_batch": 1}
+
+
+def target_continuations(teacher: nn.Module, cfg: GPTConfig, pool: dict) -> np.ndarray:
+    """Sequences the target writes itself: ``pool["sequences"]`` random training-text prompts of
+    ``prompt_tokens`` tokens, each continued to the full context by the target with the KV cache
+    (a ``greedy_fraction`` of them greedily, the rest sampled at ``temperature``; seeded).
+
+    Returns:
+        int64 ``(sequences, context + 1)``: prompt + continuation, one token longer than a training window.
+    """
+    from ..runtimes.generate import Sampling, generate, make_runner
+    from ..runtimes.session import TorchSession
+
+    rng = np.random.default_rng(int(pool["seed"]))
+    train = corpus()[0]
+    n, plen, bs = int(pool["sequences"]), int(pool["prompt_tokens"]), int(pool["batch"])
+    starts = rng.integers(0, len(train) - plen, size=n)
+    prompts = np.stack([train[s:s + plen] for s in starts])
+    prev = torch.get_num_threads()
+    runner = make_runner(TorchSession(teacher.eval(), input_names(cfg), output_names(cfg),
+                                      threads=int(pool.get("threads", prev))), cfg.layout())
+    n_greedy = int(round(n * float(pool["greedy_fraction"])))
+    out = []
+    for i in range(0, n, bs):
+        chunk = prompts[i:i + bs]
+        greedy = i < n_greedy
+        sampling = Sampling(greedy=greedy, temperature=float(pool["temperature"]), seed=int(pool["seed"]) + i)
+        res = generate(runner, chunk, cfg.context + 1 - plen, sampling)  # stops at the context: 1 short
+        seq = np.concatenate([chunk, res.tokens[:, : cfg.context - plen + 1]], 1)
+        out.append(seq[:, : cfg.context + 1])
+    torch.set_num_threads(prev)
+    return np.concatenate(out)[:, : cfg.context + 1]
 
 
 def _lr_at(step: int, r: dict) -> float:
@@ -505,11 +541,13 @@ def _lr_at(step: int, r: dict) -> float:
 
 
 def train_gpt(model: GPT, ds: Dataset | None, recipe: dict, teacher: nn.Module | None = None,
-              progress: Any = None) -> dict:
+              progress: Any = None, pool: np.ndarray | None = None) -> dict:
     """Seeded next-token training (or distillation from ``teacher``) on random training windows.
 
     Each step samples ``batch_size`` windows of ``seq_len + 1`` tokens from the training stream
-    (NumPy generator seeded by ``recipe["seed"]``). Loss: cross-entropy, or with a teacher
+    (NumPy generator seeded by ``recipe["seed"]``); with a ``pool`` (int64 ``(n, >= seq_len + 1)``,
+    e.g. :func:`target_continuations`), ``recipe["pool_batch"]`` of them are rows of the pool
+    instead (sequence-level KD on teacher-written text, Kim & Rush 2016). Loss: cross-entropy, or with a teacher
     :func:`deepship.pipeline.distill.token_kd_loss` at ``kd_temperature`` with weight ``kd_alpha`` on
     the labels. AdamW (decoupled weight decay on matrices only), linear warm-up, cosine decay to
     ``min_lr_ratio * lr``, gradient clipping. Weights are rounded to float16 at the end.
@@ -529,6 +567,7 @@ def train_gpt(model: GPT, ds: Dataset | None, recipe: dict, teacher: nn.Module |
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe["weight_decay"]},
                              {"params": no_decay, "weight_decay": 0.0}], lr=recipe["lr"], betas=tuple(recipe["betas"]))
     t_len, bs = int(recipe["seq_len"]), int(recipe["batch_size"])
+    n_pool = min(int(recipe.get("pool_batch", 0)), bs) if pool is not None else 0
     if teacher is not None:
         from ..pipeline.distill import token_kd_loss
 
@@ -539,8 +578,11 @@ def train_gpt(model: GPT, ds: Dataset | None, recipe: dict, teacher: nn.Module |
     for step in range(int(recipe["steps"])):
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, recipe)
-        starts = rng.integers(0, len(ids) - t_len - 1, size=bs)
-        w = torch.stack([ids[s:s + t_len + 1] for s in starts])
+        starts = rng.integers(0, len(ids) - t_len - 1, size=bs - n_pool)
+        rows = [ids[s:s + t_len + 1] for s in starts]
+        if n_pool:  # rows of target-written sequences (draft distillation)
+            rows += [torch.from_numpy(pool[j, : t_len + 1]) for j in rng.integers(0, len(pool), size=n_pool)]
+        w = torch.stack(rows)
         x, y = w[:, :-1], w[:, 1:]
         logits = model(x)[0]
         if teacher is None:
@@ -573,7 +615,14 @@ def _train_draft(model: GPT, ds: Dataset | None, recipe: dict) -> dict:
     from .train import trained_model
 
     teacher, _ = trained_model(gpt_spec())
-    return train_gpt(model, ds, recipe, teacher=teacher, progress=_log_progress("gpt-draft"))
+    log = _log_progress("gpt-draft")
+    t0 = time.perf_counter()
+    pool = target_continuations(teacher, TARGET, recipe["pool"]) if recipe.get("pool") else None
+    if log and pool is not None:
+        log(f"{len(pool)} target continuations generated in {time.perf_counter() - t0:.0f} s")
+    stats = train_gpt(model, ds, recipe, teacher=teacher, progress=log, pool=pool)
+    stats["train_s"] = time.perf_counter() - t0  # generation of the pool included
+    return stats
 
 
 def _log_progress(name: str):
@@ -608,8 +657,6 @@ def _plan(default_plan: list) -> list:
 
 def _spec(name: str, cfg: GPTConfig, recipe_fn, train_fn, desc: str, draft: bool) -> ModelSpec:
     def measure(ctx, variant, session):
-        from ..runtimes.generate import report_measures
-
         return report_measures(ctx, variant, session)
 
     return ModelSpec(

@@ -5,16 +5,19 @@ and speculative decoding.
 cache of one decoder session whose inputs are ``input_ids`` and ``past_key_values.{i}.key/value`` and
 whose outputs are ``logits`` and ``present.{i}.key/value`` (the Optimum / ONNX Runtime GenAI names):
 
-- :class:`ArrayKVRunner`: any session (PyTorch eager or ONNX Runtime) through ``Session.run``; the
-  cache is the numpy arrays the last step returned.
+- :class:`ArrayKVRunner` (the default): any session (PyTorch eager or ONNX Runtime); the cache is the
+  arrays the last step returned, fed back without a copy (ONNX Runtime wraps numpy inputs and hands
+  its outputs over as numpy arrays).
 - :class:`IOBindingKVRunner`: ONNX Runtime with IOBinding and preallocated buffers. Every cache tensor
   has two flat buffers sized for the whole context; a step binds the past to one and writes the
   present straight into the other (ping-pong), and the logits into a preallocated buffer, so a step
-  allocates nothing and copies nothing outside the graph. What remains is the graph's own ``Concat``
-  of past and new keys/values, one copy of the cache per layer per step: plain ONNX ops cannot
-  update a tensor in place (ONNX Runtime's ``GroupQueryAttention`` contrib op can, with a fixed-size
-  shared buffer, but its CPU kernel rejects batch > 1 with several new tokens, which verification
-  and batched prefill need).
+  allocates nothing and copies nothing outside the graph. On the CPU it measured slower than
+  :class:`ArrayKVRunner` for this model size (the ``2 * n_layer + 2`` bind calls per step cost more
+  than the allocations they avoid); it is the structure that pays when the cache lives on a GPU.
+  In both, the graph's own ``Concat`` of past and new keys/values remains, one copy of the cache per
+  layer per step: plain ONNX ops cannot update a tensor in place (ONNX Runtime's
+  ``GroupQueryAttention`` contrib op can, with a fixed-size shared buffer, but its CPU kernel rejects
+  batch > 1 with several new tokens, which verification and batched prefill need).
 - :class:`RecomputeRunner`: no cache; every step runs the whole sequence again (the baseline).
 
 **Sampling** (:class:`Sampling`): greedy, or sampling at a temperature with top-k and/or top-p
@@ -127,6 +130,11 @@ class ArrayKVRunner(KVRunner):
     def __init__(self, session: Session, layout: KVLayout, prefill_session: Session | None = None):
         self.session, self.layout, self.prefill_session = session, layout, prefill_session
         self.cache: list[np.ndarray] = []
+        # ONNX Runtime: call the InferenceSession directly (the checks of OrtSession.run cost ~10% of a
+        # decode step of a small model); the feeds are built here with the right names and dtypes
+        self._ort = session.sess if isinstance(session, OrtSession) else None
+        self._ort_prefill = prefill_session.sess if isinstance(prefill_session, OrtSession) else None
+        self._outputs = ["logits"] + layout.present_names
 
     def reset(self, batch: int) -> None:
         self.batch, self.length = batch, 0
@@ -137,12 +145,17 @@ class ArrayKVRunner(KVRunner):
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         self._check(ids)
         if self.length == 0 and self.prefill_session is not None:
-            out = self.prefill_session.run({"input_ids": ids})
+            feeds, sess, run = {"input_ids": ids}, self._ort_prefill, self.prefill_session
         else:
-            out = self.session.run({"input_ids": ids, **dict(zip(self.layout.past_names, self.cache))})
-        self.cache = [out[n] for n in self.layout.present_names]
+            feeds = {"input_ids": ids, **dict(zip(self.layout.past_names, self.cache))}
+            sess, run = self._ort, self.session
+        if sess is not None:
+            logits, *self.cache = sess.run(self._outputs, feeds)
+        else:
+            out = run.run(feeds)
+            logits, self.cache = out["logits"], [out[n] for n in self.layout.present_names]
         self.length += ids.shape[1]
-        return out["logits"]
+        return logits
 
     def truncate(self, length: int) -> None:
         if length < self.length:
@@ -244,7 +257,11 @@ class RecomputeRunner(KVRunner):
 
 def make_runner(session: Session, layout: KVLayout, prefill_session: Session | None = None,
                 mode: str = "auto") -> KVRunner:
-    """The best runner for ``session``: ``"auto"`` picks IOBinding for ONNX Runtime, arrays otherwise.
+    """A runner for ``session``. ``"auto"`` picks ``"arrays"``: on the CPU, binding 2 x layers + 2 names
+    per step through the Python IOBinding API costs more than it saves (about 0.5 against 0.37 ms per
+    decode step of ``gpt`` at batch 1; see docs/gpt.md), since ``InferenceSession.run`` already feeds
+    numpy arrays without a copy and returns its outputs without one. ``"iobinding"`` keeps the
+    preallocated-buffer runner (it pays where outputs would otherwise cross a device boundary).
 
     Args:
         mode: ``"auto"``, ``"iobinding"``, ``"arrays"`` or ``"recompute"``.
@@ -260,8 +277,8 @@ def make_runner(session: Session, layout: KVLayout, prefill_session: Session | N
     if missing:
         raise InputSpecError(f"the decoder session lacks '{missing[0]}'; export it with deepship.exporters.kv "
                              "(inputs input_ids + past_key_values.{i}.key/value, outputs logits + present.{i}.key/value)")
-    if mode == "auto":
-        mode = "iobinding" if isinstance(session, OrtSession) else "arrays"
+    if mode == "auto":  # measured: on the CPU the per-step bind calls cost more than the copies they save
+        mode = "arrays"
     if mode == "iobinding":
         if not isinstance(session, OrtSession) or (prefill_session is not None and not isinstance(prefill_session, OrtSession)):
             raise InputSpecError("IOBinding needs ONNX Runtime sessions; use mode 'arrays' for torch")
@@ -340,7 +357,7 @@ def sample(p: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def pick(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> np.ndarray:
     """Next token per row of logits ``(batch, vocab)``: argmax, or a sample; int64 ``(batch,)``."""
     if sampling.greedy:
-        return np.asarray(logits).argmax(-1).astype(np.int64)
+        return logits.argmax(-1)
     return sample(probabilities(logits, sampling), rng)
 
 
@@ -356,8 +373,10 @@ class GenerationResult:
         finish_reasons: per row ``"stop"``, ``"length"`` (token limit) or ``"context"``.
         prefill_ms: time of the prompt's forward pass, milliseconds.
         decode_ms: time of everything after it, milliseconds.
-        target_calls: forward passes of the (target) model after prefill.
+        target_calls: forward passes of the (target) model after prefill (speculative decoding: rounds).
         proposed, accepted: speculative decoding: draft tokens proposed and accepted.
+        rejected: speculative decoding: rounds that ended with a rejected proposal.
+        k: speculative decoding: draft tokens per round asked for.
     """
 
     tokens: np.ndarray
@@ -368,6 +387,7 @@ class GenerationResult:
     target_calls: int = 0
     proposed: int = 0
     accepted: int = 0
+    rejected: int = 0
     k: int = 0
 
     @property
@@ -382,8 +402,20 @@ class GenerationResult:
 
     @property
     def acceptance_rate(self) -> float | None:
-        """Accepted / proposed draft tokens (speculative decoding), else ``None``."""
+        """Accepted / proposed draft tokens (speculative decoding), else ``None``. Proposals after a
+        rejection in the same round count as not accepted, so this falls as ``k`` grows."""
         return self.accepted / self.proposed if self.proposed else None
+
+    @property
+    def token_acceptance(self) -> float | None:
+        """Estimate of the per-token acceptance probability (``alpha`` of Leviathan et al. 2023):
+        accepted / (accepted + rejections), the geometric model's maximum-likelihood estimate."""
+        return self.accepted / (self.accepted + self.rejected) if self.accepted + self.rejected else None
+
+    @property
+    def tokens_per_round(self) -> float | None:
+        """New tokens per target pass (speculative decoding), else ``None``."""
+        return self.new_tokens / self.target_calls if self.proposed and self.target_calls else None
 
     def row(self, i: int = 0) -> np.ndarray:
         return self.tokens[i, : self.lengths[i]]
@@ -446,7 +478,7 @@ def generate(runner: KVRunner, prompt: np.ndarray | Sequence[int], max_new_token
     rng = np.random.default_rng(sampling.seed)
     b, plen = ids.shape
     limit = min(max_new_tokens, L.context - plen + 1)
-    stops = np.asarray(list(stop_tokens), np.int64)
+    stops = set(int(t) for t in stop_tokens)
     out = np.full((b, limit), -1, np.int64)
     done = np.zeros(b, bool)
     lengths = np.zeros(b, np.int64)
@@ -456,18 +488,27 @@ def generate(runner: KVRunner, prompt: np.ndarray | Sequence[int], max_new_token
     logits = runner.forward(ids)[:, -1]
     t1 = time.perf_counter()
     calls = 0
-    for step in range(limit):
+    n_done = 0
+    for step in range(limit):  # kept lean: at batch 1 the loop's own work is a few % of a decode step
         tok = pick(logits, sampling, rng)
-        live = ~done
-        out[live, step] = tok[live]
-        lengths[live] += 1
-        hit = live & np.isin(tok, stops)
-        for i in np.flatnonzero(hit):
-            reasons[i] = "stop"
-        done |= hit
-        if done.all() or step == limit - 1:
+        if n_done:
+            live = ~done
+            out[live, step] = tok[live]
+            lengths[live] += 1
+        else:
+            out[:, step] = tok
+            lengths += 1
+        if stops:
+            for i, t in enumerate(tok.tolist()):
+                if t in stops and not done[i]:
+                    done[i] = True
+                    reasons[i] = "stop"
+                    n_done += 1
+            if n_done:
+                tok = np.where(done, 0, tok)
+        if n_done == b or step == limit - 1:
             break
-        logits = runner.forward(np.where(done, 0, tok)[:, None])[:, -1]
+        logits = runner.forward(tok[:, None])[:, -1]
         calls += 1
     t2 = time.perf_counter()
     for i in range(b):
@@ -529,7 +570,7 @@ def speculative_generate(target: KVRunner, draft: KVRunner, prompt: np.ndarray |
         draft.forward(ids[:, :-1])
     t1 = time.perf_counter()
     new: list[int] = []
-    proposed = accepted = calls = 0
+    proposed = accepted = calls = rejected = 0
     reason = ""
     while len(new) < limit and not reason:
         pending = seq[target.length:]  # committed tokens the target has not seen (1 after round 1)
@@ -575,6 +616,7 @@ def speculative_generate(target: KVRunner, draft: KVRunner, prompt: np.ndarray |
                 extra = int(sample(ps[len(props)][None], rng)[0])
         proposed += len(props)
         accepted += n_ok
+        rejected += int(n_ok < len(props))
         round_tokens = props[:n_ok] + [extra]
         # roll back both caches to the committed tokens
         target.truncate(base + n_ok)
@@ -592,4 +634,4 @@ def speculative_generate(target: KVRunner, draft: KVRunner, prompt: np.ndarray |
         reason = "length" if limit == max_new_tokens else "context"
     out = np.asarray([new], np.int64)
     return GenerationResult(out, np.asarray([len(new)]), [reason], (t1 - t0) * 1e3, (t2 - t1) * 1e3,
-                            target_calls=calls, proposed=proposed, accepted=accepted, k=int(k))
+                            target_calls=calls, proposed=proposed, accepted=accepted, rejected=rejected, k=int(k))
