@@ -135,7 +135,7 @@ def _mark_pareto(rows: list[dict], spec: ModelSpec, batches: Sequence[int]) -> N
 
 
 def run_report(specs: Sequence[ModelSpec], out_dir: str | Path = "report", methods: Sequence[str] | None = None,
-               batches: Sequence[int] = (1, 32), threads: int | None = None, min_time_s: float = 0.5,
+               batches: Sequence[int] = (1, 32), threads: int | None = None, min_time_s: float = 0.25,
                engine: bool = True, retrain: bool = False, show_progress: bool = True,
                plan: list | None = None) -> dict[str, Any]:
     """Build the variant tree of each model, evaluate and benchmark every variant, write the report.
