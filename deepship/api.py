@@ -269,12 +269,7 @@ def generate(model: str = "gpt", prompt: str | Sequence[int] = "", max_new_token
     sampling.check(cfg.vocab_size)
     if max_new_tokens < 1:
         raise InputSpecError(f"--max-new-tokens {max_new_tokens} must be >= 1")
-    stop_ids = []
-    for st in stop:
-        enc = G.tokenizer().encode(st).ids if st else []
-        if len(enc) != 1:
-            raise InputSpecError(f"stop string {st!r} is {len(enc)} tokens; give strings that are one token, e.g. '\\n'")
-        stop_ids.append(enc[0])
+    stop_ids = G.stop_token_ids(stop)
     dctx = None
     if speculative:
         if int(k) != k or k <= 0:

@@ -358,6 +358,22 @@ def encode(text: str) -> np.ndarray:
     return np.asarray(tokenizer().encode(text).ids, dtype=np.int64)
 
 
+def stop_token_ids(stops: Sequence[str]) -> list[int]:
+    """Token ids of stop strings, each of which must be exactly one token (e.g. ``"\\n"``).
+
+    Raises:
+        InputSpecError: a stop string that is empty or encodes to several tokens.
+    """
+    out = []
+    for st in stops:
+        enc = tokenizer().encode(str(st)).ids if st else []
+        if len(enc) != 1:
+            raise InputSpecError(f"stop string {str(st)[:20]!r} is {len(enc)} tokens; give strings that are one token, "
+                                 "e.g. '\\n'")
+        out.append(int(enc[0]))
+    return out
+
+
 def decode(ids: Sequence[int] | np.ndarray) -> str:
     """Text of token ids (``<|endoftext|>`` dropped).
 

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -455,7 +455,8 @@ def _check_limits(max_new_tokens: int) -> None:
 
 
 def generate(runner: KVRunner, prompt: np.ndarray | Sequence[int], max_new_tokens: int = 64,
-             sampling: Sampling = Sampling(), stop_tokens: Sequence[int] = ()) -> GenerationResult:
+             sampling: Sampling = Sampling(), stop_tokens: Sequence[int] = (),
+             on_tokens: Callable[[np.ndarray], None] | None = None) -> GenerationResult:
     """Generate up to ``max_new_tokens`` tokens after ``prompt``, one forward pass per token.
 
     Args:
@@ -464,6 +465,9 @@ def generate(runner: KVRunner, prompt: np.ndarray | Sequence[int], max_new_token
         max_new_tokens: token limit per row (>= 1); generation also ends at the context length.
         sampling: greedy, or temperature/top-k/top-p sampling (seeded).
         stop_tokens: ids that end a row (the stop token is kept in the output).
+        on_tokens: called after every step with the tokens it committed, int64 ``(batch, 1)``, ``-1``
+            for rows that had already ended (token streaming). An exception raised in it ends the
+            generation and propagates (e.g. a client that went away).
 
     Returns:
         :class:`GenerationResult` (timings in ms).
@@ -498,6 +502,8 @@ def generate(runner: KVRunner, prompt: np.ndarray | Sequence[int], max_new_token
         else:
             out[:, step] = tok
             lengths += 1
+        if on_tokens is not None:
+            on_tokens(np.where(done, -1, tok)[:, None] if n_done else tok[:, None].copy())
         if stops:
             for i, t in enumerate(tok.tolist()):
                 if t in stops and not done[i]:
@@ -519,7 +525,8 @@ def generate(runner: KVRunner, prompt: np.ndarray | Sequence[int], max_new_token
 
 def speculative_generate(target: KVRunner, draft: KVRunner, prompt: np.ndarray | Sequence[int],
                          max_new_tokens: int = 64, k: int = 4, sampling: Sampling = Sampling(),
-                         stop_tokens: Sequence[int] = ()) -> GenerationResult:
+                         stop_tokens: Sequence[int] = (),
+                         on_tokens: Callable[[np.ndarray], None] | None = None) -> GenerationResult:
     """Speculative decoding (Leviathan et al. 2023, Algorithm 1; Chen et al. 2023) at batch 1.
 
     Each round: the draft proposes ``k`` tokens ``x_1..x_k`` with distributions ``q_1..q_k``; the
@@ -535,6 +542,7 @@ def speculative_generate(target: KVRunner, draft: KVRunner, prompt: np.ndarray |
         k: draft tokens per round (>= 1).
         sampling, stop_tokens, max_new_tokens: as in :func:`generate`; the same processing
             (temperature, top-k, top-p) defines ``p`` and ``q``.
+        on_tokens: called after every round with the tokens it committed, int64 ``(1, n)``.
 
     Returns:
         :class:`GenerationResult` with ``proposed``/``accepted`` counts and ``target_calls``.
@@ -621,6 +629,7 @@ def speculative_generate(target: KVRunner, draft: KVRunner, prompt: np.ndarray |
         # roll back both caches to the committed tokens
         target.truncate(base + n_ok)
         draft.truncate(min(draft.length, base + n_ok))
+        n_before = len(new)
         for x in round_tokens:
             if len(new) >= limit:
                 break
@@ -629,6 +638,8 @@ def speculative_generate(target: KVRunner, draft: KVRunner, prompt: np.ndarray |
             if x in stops:
                 reason = "stop"
                 break
+        if on_tokens is not None and len(new) > n_before:
+            on_tokens(np.asarray([new[n_before:]], np.int64))
     t2 = time.perf_counter()
     if not reason:
         reason = "length" if limit == max_new_tokens else "context"

@@ -11,6 +11,7 @@
 | POST | ``/v2/models/{name}/infer`` | inference; JSON or binary tensor data |
 | POST | ``/v2/repository/index`` | the served models and their state |
 | GET | ``/metrics`` | Prometheus metrics (:mod:`deepship.serving.metrics`) |
+| POST | ``/v2/models/{name}/generate``, ``.../generate_stream`` | token generation for KV-cache decoders (:mod:`deepship.serving.generate`) |
 
 Every ``/v2/models/{name}/...`` path also answers as ``/v2/models/{name}/versions/1/...`` (each
 variant is its own model, with the single version ``1``). Errors are ``{"error": "<one line>"}``
@@ -306,6 +307,8 @@ def create_app(server: InferenceServer) -> "InferMiddleware":
         app.get(prefix)(metadata)
         app.get(prefix + "/ready")(model_ready)
         app.get(prefix + "/config")(config)
+
+    from . import generate  # noqa: F401  (registers the generate extension)
 
     for ext in _EXTENSIONS.values():
         if any(ext.applies(m) for m in server.repository.models.values()):

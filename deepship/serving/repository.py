@@ -67,8 +67,9 @@ class ServedModel:
         backend: the runtime backend (``onnxruntime``, ``tensorrt``, ``inductor``, ...).
         source: facts shown in the model configuration: model, variant, format, precision,
             provider, artifact path.
-        kind: ``"tensor"`` for request/response models. Extensions (token generation, streaming
-            ASR) select their models by ``kind`` (see :mod:`deepship.serving.app`).
+        kind: ``"tensor"`` for request/response models, ``"decoder"`` for KV-cache decoder steps
+            (:func:`is_kv_decoder`; never batched, served by :mod:`deepship.serving.generate` too).
+            Extensions select their models by ``kind`` (see :mod:`deepship.serving.app`).
         extra: the report row and model section, for extensions that need more (KV-cache layout,
             stream state names).
     """
@@ -362,11 +363,18 @@ def build_model(src: ModelSource, max_batch_size: int, threads: int | None = Non
                            "(NAME=path to choose one)")
     sess = open_source(src, threads)
     ins, outs = session_signature(sess, src.declared_inputs)
-    batchable = max_batch_size > 0 and all(t.dims and isinstance(t.dims[0], str) for t in ins)
+    decoder = is_kv_decoder(ins)
+    # a KV-cache decoder's requests carry caches of different lengths: never merged
+    batchable = max_batch_size > 0 and not decoder and all(t.dims and isinstance(t.dims[0], str) for t in ins)
 
     def warm(b: int) -> dict[str, np.ndarray]:
-        feeds = {t.name: t.random({"batch": b, t.dims[0] if t.dims and isinstance(t.dims[0], str) else "batch": b},
-                                  seed=i) for i, t in enumerate(ins)}
+        if decoder:  # one token after an empty cache
+            feeds = {t.name: (np.zeros((b, 1), np.int64) if t.name == "input_ids" else
+                              np.zeros([b if j == 0 else (d if isinstance(d, int) else 0) for j, d in enumerate(t.dims)],
+                                       t.dtype)) for t in ins}
+        else:
+            feeds = {t.name: t.random({"batch": b, t.dims[0] if t.dims and isinstance(t.dims[0], str) else "batch": b},
+                                      seed=i) for i, t in enumerate(ins)}
         return sess.run(feeds)
 
     try:
@@ -392,7 +400,15 @@ def build_model(src: ModelSource, max_batch_size: int, threads: int | None = Non
     backend = "onnxruntime" if src.format == "onnx" else src.format.split(":", 1)[-1]
     return ServedModel(src.name, sess, ins, outs, max_batch_size if batchable else 0,
                        platform=TRITON_PLATFORMS.get(backend, f"deepship_{backend}"), backend=backend,
-                       source=info, extra=src.extra)
+                       source=info, kind="decoder" if decoder else "tensor", extra=src.extra)
+
+
+def is_kv_decoder(inputs: Sequence[TensorSpec]) -> bool:
+    """True for a decoder step graph with an explicit KV cache: inputs ``input_ids`` and
+    ``past_key_values.{i}.key/value`` (the Optimum / ONNX Runtime GenAI names that
+    :mod:`deepship.exporters.kv` writes). Such models are served with ``kind="decoder"``."""
+    names = {t.name for t in inputs}
+    return "input_ids" in names and any(n.startswith("past_key_values.") for n in names)
 
 
 class ModelRepository:

@@ -1,0 +1,322 @@
+"""Token generation endpoints for served KV-cache decoders (Triton's *generate* extension).
+
+| method | path | answer |
+|---|---|---|
+| POST | ``/v2/models/{name}/generate`` | ``{"model_name", "model_version", "text_output", "tokens", "finish_reason", ...}`` |
+| POST | ``/v2/models/{name}/generate_stream`` | server-sent events: one ``data: {...}`` per step, then a final event |
+
+The request body is Triton's: ``{"text_input": "...", "parameters": {...}}`` (parameters may also be
+given at the top level). Parameters:
+
+- ``max_tokens`` (default 64): new-token limit; generation also ends at the model's context;
+- ``temperature`` (0 or absent: greedy), ``top_k``, ``top_p``, ``seed``: sampling;
+- ``stop``: strings that end generation, each one token of the tokenizer (e.g. ``"\\n"``);
+- ``speculative`` (bool), ``draft`` (a served decoder of the same vocabulary; default the served
+  ``gpt-draft`` variant of the same precision if any), ``k`` (default 4): speculative decoding
+  (:func:`deepship.runtimes.generate.speculative_generate`).
+
+A served model gets these endpoints when it is a KV-cache decoder step graph
+(:func:`~deepship.serving.repository.is_kv_decoder`) of a zoo decoder whose tokenizer and context are
+known (``gpt``, ``gpt-draft``, served from a ``report.json``). The loop is
+:func:`deepship.runtimes.generate.generate` with :class:`~deepship.runtimes.generate.ArrayKVRunner`
+over the served ONNX Runtime session (one runner per request; the session is shared, its ``run`` is
+thread-safe). Each request runs in a worker thread. At most ``max_streams`` generations run at once
+per model and ``max_queue_size`` more may wait; beyond that the answer is 503 with ``Retry-After``.
+A streaming client that disconnects stops its generation at the next step.
+
+Streaming text is detokenized incrementally (the whole output decoded, the new suffix sent; a suffix
+ending inside a multi-byte UTF-8 character waits for the next token), so the concatenated
+``text_output`` of the events equals the non-streaming ``text_output``.
+
+Errors: bad parameters or prompt: 400 with ``{"error": "<one line>"}`` (before any event is sent);
+a model that is not a decoder: 400; unknown model: 404.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
+
+from ..errors import DeepshipError
+from .protocol import RequestError
+from .repository import ServedModel
+
+#: Generations that run at once per model (each in a worker thread).
+MAX_STREAMS = 4
+
+
+class _ClientGone(Exception):
+    """Raised inside the generation loop when the streaming client has gone away."""
+
+
+@dataclass
+class Decoder:
+    """What generation needs beyond the session: KV layout, tokenizer functions, zoo model name."""
+
+    model: ServedModel
+    layout: Any  # deepship.runtimes.generate.KVLayout
+    encode: Any
+    decode: Any
+    stop_ids: Any
+    zoo_name: str
+    precision: str
+
+
+def decoder_of(model: ServedModel) -> Decoder | None:
+    """The :class:`Decoder` for a served model, or ``None`` when it is not a known zoo decoder."""
+    if model.kind != "decoder":
+        return None
+    zoo = str(model.source.get("model", ""))
+    try:
+        from ..models import gpt as G
+        from ..models import resolve
+
+        cfg = G.config_of(resolve(zoo))
+    except (DeepshipError, KeyError, ValueError, TypeError, ImportError):
+        return None
+    return Decoder(model, cfg.layout(), G.encode, G.decode, G.stop_token_ids, zoo,
+                   str(model.source.get("precision", "")))
+
+
+def _params(body: dict) -> dict:
+    p = dict(body.get("parameters") or {})
+    for k, v in body.items():
+        if k not in ("text_input", "parameters"):
+            p.setdefault(k, v)
+    return p
+
+
+class GenerateExtension:
+    """The ``generate`` serving extension (see the module docstring)."""
+
+    name = "generate"
+
+    def applies(self, model: ServedModel) -> bool:
+        return decoder_of(model) is not None
+
+    def install(self, app: FastAPI, server: Any) -> None:
+        decoders = {m.name: d for m in server.repository.models.values() if (d := decoder_of(m)) is not None}
+        cfg = server.config.batching
+        slots = {n: asyncio.Semaphore(MAX_STREAMS) for n in decoders}
+        waiting = {n: 0 for n in decoders}
+        tokens_counter = server.metrics.generated_tokens
+
+        def lookup(name: str, version: str | None) -> Decoder:
+            m = server.model(name, version)
+            d = decoders.get(m.name)
+            if d is None:
+                raise RequestError(f"model '{m.name}' is not a KV-cache decoder with a known tokenizer; "
+                                   "use /infer for it", 400)
+            return d
+
+        def prepare(d: Decoder, body: bytes):
+            """Validate the request; returns ``(run(on_tokens) -> GenerationResult, prompt_len)``."""
+            from ..errors import InputSpecError
+            from ..runtimes.generate import Sampling, make_runner, speculative_generate
+            from ..runtimes.generate import generate as gen_loop
+
+            try:
+                req = orjson.loads(body or b"{}")
+                assert isinstance(req, dict)
+            except (orjson.JSONDecodeError, AssertionError):
+                raise RequestError("the body is not a JSON object; send {\"text_input\": \"...\", \"parameters\": {...}}",
+                                   400) from None
+            text = req.get("text_input")
+            if not isinstance(text, str) or not text:
+                raise RequestError("text_input is missing or empty; send the prompt as a non-empty string", 400)
+            p = _params(req)
+            try:
+                max_tokens = int(p.get("max_tokens", 64))
+                temperature = float(p.get("temperature", 0) or 0)
+                top_k = None if p.get("top_k") in (None, 0) else int(p["top_k"])
+                top_p = None if p.get("top_p") in (None, 1, 1.0) else float(p["top_p"])
+                seed = int(p.get("seed", 0))
+                k = int(p.get("k", 4))
+            except (TypeError, ValueError) as e:
+                raise RequestError(f"a generation parameter has the wrong type ({e}); max_tokens, top_k, seed and k "
+                                   "are integers, temperature and top_p numbers", 400) from None
+            stops = p.get("stop") or []
+            if isinstance(stops, str):
+                stops = [stops]
+            try:
+                ids = d.encode(text)[None]
+                stop_ids = d.stop_ids(stops)
+                sampling = Sampling(greedy=temperature <= 0, temperature=temperature if temperature > 0 else 1.0,
+                                    top_k=top_k, top_p=top_p, seed=seed)
+                runner = make_runner(d.model.session, d.layout)
+                draft = None
+                if p.get("speculative"):
+                    draft = draft_for(d, p.get("draft"))
+                    draft_runner = make_runner(draft.model.session, draft.layout)
+                    if k <= 0:
+                        raise InputSpecError(f"k {k} must be a positive integer (draft tokens proposed per round)")
+            except DeepshipError as e:
+                raise RequestError(str(e), 400) from None
+
+            def run(on_tokens):
+                if draft is not None:
+                    return speculative_generate(runner, draft_runner, ids, max_tokens, k=k, sampling=sampling,
+                                                stop_tokens=stop_ids, on_tokens=on_tokens)
+                return gen_loop(runner, ids, max_tokens, sampling=sampling, stop_tokens=stop_ids, on_tokens=on_tokens)
+
+            # the checks the loop makes first (prompt, limits, sampling), before any event is sent
+            from ..runtimes.generate import _check_limits, check_prompt
+
+            try:
+                check_prompt(ids, d.layout)
+                _check_limits(max_tokens)
+                sampling.check(d.layout.vocab_size)
+            except DeepshipError as e:
+                raise RequestError(str(e), 400) from None
+            return run, int(ids.shape[1]), (draft.model.name if draft is not None else None)
+
+        def draft_for(d: Decoder, name: str | None) -> Decoder:
+            from ..errors import InputSpecError
+
+            if name:
+                m = server.repository.get(str(name))
+                dd = decoders.get(m.name) if m is not None else None
+                if dd is None:
+                    raise InputSpecError(f"draft '{str(name)[:64]}' is not a served decoder; serve it too "
+                                         f"(served decoders: {', '.join(decoders) or 'none'})")
+            else:
+                cands = [x for x in decoders.values() if x.zoo_name != d.zoo_name and x.layout.vocab_size == d.layout.vocab_size]
+                cands.sort(key=lambda x: (x.precision != d.precision, x.layout.n_layer))
+                if not cands:
+                    raise InputSpecError("speculative decoding needs a draft decoder served beside the target "
+                                         "(e.g. optimize report gpt gpt-draft, then serve that report)")
+                dd = cands[0]
+            if dd.layout.vocab_size != d.layout.vocab_size:
+                raise InputSpecError(f"draft '{dd.model.name}' has another vocabulary than '{d.model.name}'")
+            return dd
+
+        async def admit(name: str) -> None:
+            sem = slots[name]
+            if sem.locked() and waiting[name] >= cfg.max_queue_size:
+                raise RequestError(f"model '{name}' has {MAX_STREAMS} generations running and "
+                                   f"{waiting[name]} waiting; retry later", 503, cfg.retry_after_s)
+            waiting[name] += 1
+            try:
+                await asyncio.wait_for(sem.acquire(), timeout=cfg.timeout_s)
+            except asyncio.TimeoutError:
+                raise RequestError(f"model '{name}' stayed busy for {cfg.timeout_s:g} s; retry later", 503,
+                                   cfg.retry_after_s) from None
+            finally:
+                waiting[name] -= 1
+
+        def result_body(d: Decoder, res, plen: int, draft: str | None) -> dict:
+            toks = [int(t) for t in res.row(0)]
+            out = {"model_name": d.model.name, "model_version": "1", "text_output": d.decode(toks) if toks else "",
+                   "tokens": toks, "finish_reason": res.finish_reasons[0], "prompt_tokens": plen,
+                   "completion_tokens": len(toks), "prefill_ms": round(res.prefill_ms, 3),
+                   "decode_ms": round(res.decode_ms, 3), "tokens_per_s": round(res.tokens_per_s, 1)}
+            if draft is not None:
+                out.update(draft=draft, acceptance_rate=res.acceptance_rate, k=res.k)
+            return out
+
+        def start(d: Decoder, run, on_tokens, t0: float, on_done) -> asyncio.Future:
+            """Run ``run(on_tokens)`` in a worker thread; the model's slot is released and the request
+            counted when the thread ends (even if the client has gone and nobody awaits it)."""
+            fut = asyncio.get_running_loop().run_in_executor(None, run, on_tokens)
+
+            def finished(f: asyncio.Future) -> None:
+                slots[d.model.name].release()
+                ok = not f.cancelled() and f.exception() is None
+                if ok:
+                    tokens_counter.labels(d.model.name).inc(f.result().new_tokens)
+                server.metrics.request(d.model.name, 200 if ok else on_done(f), time.perf_counter() - t0)
+
+            fut.add_done_callback(finished)
+            return fut
+
+        def failed_status(f: asyncio.Future) -> int:
+            return 499 if not f.cancelled() and isinstance(f.exception(), _ClientGone) else 500
+
+        def refuse(name: str, e: RequestError, t0: float) -> None:
+            server.metrics.request(name if server.repository.get(name) else "unknown", e.status,
+                                   time.perf_counter() - t0)
+
+        async def generate(name: str, request: Request, version: str | None = None):
+            t0 = time.perf_counter()
+            try:
+                d = lookup(name, version)
+                run, plen, draft = prepare(d, await request.body())
+                await admit(d.model.name)
+            except RequestError as e:
+                refuse(name, e, t0)
+                raise
+            res = await asyncio.shield(start(d, run, None, t0, failed_status))
+            return Response(orjson.dumps(result_body(d, res, plen, draft)), 200, media_type="application/json")
+
+        async def generate_stream(name: str, request: Request, version: str | None = None):
+            t0 = time.perf_counter()
+            try:
+                d = lookup(name, version)
+                run, plen, draft = prepare(d, await request.body())
+                await admit(d.model.name)
+            except RequestError as e:
+                refuse(name, e, t0)
+                raise
+            loop = asyncio.get_running_loop()
+            queue: asyncio.Queue = asyncio.Queue()
+            gone = threading.Event()
+
+            def on_tokens(new: np.ndarray) -> None:
+                if gone.is_set():
+                    raise _ClientGone()
+                loop.call_soon_threadsafe(queue.put_nowait, [int(t) for t in new[0] if t >= 0])
+
+            fut = start(d, run, on_tokens, t0, failed_status)
+            fut.add_done_callback(lambda f: queue.put_nowait(f))
+            return StreamingResponse(_events(d, queue, gone, plen, draft), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+
+        async def _events(d: Decoder, queue: asyncio.Queue, gone: threading.Event, plen: int, draft: str | None):
+            label = d.model.name
+            toks: list[int] = []
+            sent = ""
+            try:
+                while True:
+                    item = await queue.get()
+                    if isinstance(item, asyncio.Future):  # the generation has ended
+                        if item.cancelled() or item.exception() is not None:
+                            e = item.exception() if not item.cancelled() else RuntimeError("cancelled")
+                            yield _sse({"model_name": label, "error": f"{type(e).__name__}: {str(e)[:160]}"})
+                            return
+                        final = result_body(d, item.result(), plen, draft)
+                        final["text_output"] = d.decode(toks)[len(sent):] if toks else ""
+                        final["final"] = True
+                        yield _sse(final)
+                        return
+                    toks.extend(item)
+                    text = d.decode(toks)
+                    if text.endswith("\ufffd"):  # inside a multi-byte character: wait for more
+                        continue
+                    delta, sent = text[len(sent):], text
+                    yield _sse({"model_name": label, "model_version": "1", "text_output": delta, "tokens": item})
+            finally:
+                gone.set()  # a client that went away stops the generation at its next step
+
+        for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+            app.post(prefix + "/generate")(generate)
+            app.post(prefix + "/generate_stream")(generate_stream)
+
+
+def _sse(obj: dict) -> bytes:
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+def _register() -> None:
+    from .app import register_extension
+
+    register_extension(GenerateExtension())
+
+
+_register()
