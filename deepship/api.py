@@ -296,3 +296,146 @@ def generate(model: str = "gpt", prompt: str | Sequence[int] = "", max_new_token
             "new_tokens": int(len(toks)), "finish_reason": res.finish_reasons[0], "prefill_ms": res.prefill_ms,
             "decode_ms": res.decode_ms, "tokens_per_s": res.tokens_per_s, "acceptance_rate": res.acceptance_rate,
             "variant": v.name, "draft": draft_name, "k": k if speculative else None}
+
+
+#: short names accepted for the recognizer's variants (``optimize asr ... --variant``)
+ASR_VARIANT_ALIASES = {"torch": "fp32-torch", "fp32": "fp32-onnx", "onnx": "fp32-onnx", "int8": "int8-static"}
+
+_BUNDLE_README = """# deepship streaming ASR bundle
+
+A streaming speech recognizer for the edge: Conformer + LSTM + CTC over characters, {precision}
+({variant}), {size_kb:.0f} KB. Built by `optimize asr bundle` from deepship's `asr` zoo model.
+
+| file | what |
+|---|---|
+| `model.onnx` | the chunk-step graph: `x` (batch, {chunk_frames}, 80) fbank frames + states -> `log_probs` + next states |
+| `features.json` | fbank settings (kaldi-native-fbank), chunk size, feature mean, state shapes, token table |
+| `tokens.txt` | the CTC token table (`<blk>` = 0; `<space>` is the word separator) |
+| `asr_stream.py` | the runner: needs only `onnxruntime`, `numpy`, `kaldi-native-fbank` |
+
+```bash
+pip install onnxruntime numpy kaldi-native-fbank
+python asr_stream.py model.onnx features.json speech.wav        # 16-bit PCM WAV, any rate, mono/stereo
+```
+
+```python
+from asr_stream import FeatureConfig, Stream, open_model
+
+model, cfg = open_model("model.onnx", threads=1), FeatureConfig.load("features.json")
+s = Stream(model, cfg)
+for piece in microphone_pieces():            # float32 mono samples in [-1, 1]
+    s.accept_waveform(piece, 16000)
+    print(s.partial_result())
+print(s.finalize())
+```
+
+Streaming: {chunk_ms:.0f} ms chunks, no lookahead; algorithmic latency {alg_ms:.0f} ms (chunk + fbank
+window overhang). Each `Stream` owns one state (attention K/V cache, convolution cache, LSTM state).
+Measured on the build machine (held-out voices): {measured}
+"""
+
+
+def asr_variant(ctx: ModelContext, variant: str) -> Variant:
+    """Build (or reuse) a variant of the ``asr`` model: ``fp32-torch``, ``fp32-onnx``, ``int8-dynamic``,
+    ``int8-static`` (aliases ``torch``, ``fp32``, ``onnx``, ``int8``).
+
+    Raises:
+        StageError: an unknown variant name.
+    """
+    from .models import asr as A
+
+    return ctx.build_planned(ASR_VARIANT_ALIASES.get(variant, variant), A._plan([]))
+
+
+def asr_bundle(out_dir: str | Path, variant: str = "int8-static", measure: bool = True) -> dict[str, Any]:
+    """Write the deployment bundle of the streaming recognizer to ``out_dir`` (atomically).
+
+    The folder holds ``model.onnx`` (the chosen ONNX variant), ``features.json``, ``tokens.txt``,
+    ``asr_stream.py`` (the runner: onnxruntime + numpy + kaldi-native-fbank only) and ``README.md``.
+    With ``measure``, CER, real-time factor (1 thread) and per-chunk p50/p99 latency of the bundled
+    model are measured on held-out voices and written into the README and ``features.json``.
+
+    Returns:
+        ``{"dir", "variant", "size_bytes" (model file), "bundle_bytes" (all files), **measurements}``.
+
+    Raises:
+        StageError: the variant is not an ONNX variant of ``asr``.
+        OutputPathError: ``out_dir`` exists and is not a folder.
+    """
+    import json as _json
+
+    from .models import asr as A
+    from .runtimes import asr_stream
+
+    ctx = load("asr")
+    v = asr_variant(ctx, variant)
+    if v.format != "onnx":
+        raise StageError(f"variant '{v.name}' is {v.format}; bundle an ONNX variant (fp32-onnx, int8-dynamic, int8-static)")
+    dest = Path(out_dir)
+    if dest.exists() and not dest.is_dir():
+        raise OutputPathError(f"{dest} exists and is not a folder; give a folder for the bundle")
+    meas: dict[str, Any] = {}
+    if measure:
+        sess = ctx.session(v, threads=1)
+        meas = {"cer": round(A.evaluate_cer(sess)["cer"], 4), **A.measure_streaming(ctx, v, sess)}
+    feats = {**A.feature_config(), "variant": v.name, "precision": v.precision, "measured": meas}
+    with atomic_dir(dest) as tmp:
+        shutil.copyfile(v.path, tmp / "model.onnx")
+        (tmp / "features.json").write_text(_json.dumps(feats, indent=1))
+        (tmp / "tokens.txt").write_text("".join(f"{'<space>' if t == ' ' else t} {i}\n" for i, t in enumerate(feats["tokens"])))
+        shutil.copyfile(asr_stream.__file__, tmp / "asr_stream.py")
+        m = (f"CER {meas['cer'] * 100:.2f}%, WER {meas['wer'] * 100:.2f}%, RTF {meas['rtf_1thread']:.4f} (1 thread), "
+             f"per-chunk p50 {meas['chunk_ms_p50']:.3f} ms / p99 {meas['chunk_ms_p99']:.3f} ms."
+             if meas else "not measured (bundle built with --no-measure).")
+        (tmp / "README.md").write_text(_BUNDLE_README.format(
+            precision=v.precision.upper(), variant=v.name, size_kb=Path(v.path).stat().st_size / 1024,
+            chunk_frames=feats["chunk_frames"], chunk_ms=feats["chunk_ms"], alg_ms=feats["algorithmic_latency_ms"],
+            measured=m))
+    files = sorted(dest.iterdir())
+    return {"dir": str(dest), "variant": v.name, "size_bytes": (dest / "model.onnx").stat().st_size,
+            "bundle_bytes": sum(f.stat().st_size for f in files), "files": [f.name for f in files], **meas}
+
+
+def transcribe(audio: str | Path, variant: str = "int8-static", stream: bool = False, beam: int = 0,
+               threads: int = 1, on_partial: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Transcribe an audio file (WAV/FLAC/OGG, any rate, mono or stereo) with the streaming recognizer.
+
+    The file is read with ``soundfile``, mixed to mono and resampled to 16 kHz with ``soxr``, then
+    streamed through the variant chunk by chunk (the model is always streaming; ``stream`` feeds it in
+    100 ms pieces as a microphone would, reads the file block by block, which lifts the length
+    limit, and calls ``on_partial`` with each changed partial transcript).
+
+    Returns:
+        ``{"text", "seconds" (audio), "rtf" (compute / audio time), "chunks", "variant"}``.
+
+    Raises:
+        DataError: missing, unreadable or empty file, NaN samples, or longer than 600 s without ``stream``.
+        StageError: unknown variant.
+    """
+    import time as _time
+
+    from .models import asr as A
+    from .models import speech as S
+    from .runtimes.asr_stream import FeatureConfig, Stream
+
+    # the file is checked before anything is built
+    samples = S.load_audio(audio) if not stream else S.check_audio_file(audio)
+    ctx = load("asr")
+    v = asr_variant(ctx, variant)
+    sess = ctx.session(v, threads=threads)
+    st = Stream(sess, FeatureConfig(A.feature_config()))
+    t0 = _time.perf_counter()
+    if not stream:
+        st.accept_waveform(samples, S.SAMPLE_RATE)
+    else:
+        last = ""
+        for block in S.audio_blocks_16k(audio, seconds=0.1):
+            st.accept_waveform(block, S.SAMPLE_RATE)
+            if on_partial is not None and st.partial_result() != last:
+                last = st.partial_result()
+                on_partial(last)
+    text = st.finalize(beam)
+    dt = _time.perf_counter() - t0
+    secs = st.audio_seconds
+    return {"text": text, "seconds": round(secs, 3), "rtf": round(dt / secs, 4) if secs else None,
+            "chunks": len(st.chunk_latencies_ms), "variant": v.name}

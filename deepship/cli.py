@@ -17,7 +17,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 out = Console()
 err = Console(stderr=True)
 
-MODEL_HELP = "zoo name (mlp, cnn, lstm, gru), package.module:factory, a .pt2 or an .onnx file"
+MODEL_HELP = "zoo name (mlp, cnn, lstm, gru, gpt, asr, ...), package.module:factory, a .pt2 or an .onnx file"
 INPUT_HELP = "input spec NAME:DTYPE[dims], dims named for dynamic (x:float32[batch,3,32,32]); repeat per input"
 
 
@@ -443,6 +443,48 @@ def generate_cmd(model: str = typer.Argument("gpt", help="decoder zoo name (gpt)
     err.print(f"{res['new_tokens']} tokens ({res['finish_reason']}) from {model}/{res['variant']}"
               + (f" + draft {res['draft']}" if res["draft"] else "")
               + f": prefill {res['prefill_ms']:.1f} ms, {res['tokens_per_s']:.1f} tokens/s{acc}", highlight=False)
+
+
+asr_app = typer.Typer(no_args_is_help=True, help="Streaming speech recognition: deployment bundle and transcription.")
+app.add_typer(asr_app, name="asr")
+
+
+@asr_app.command("bundle")
+@user_errors
+def asr_bundle_cmd(out_dir: Path = typer.Option(Path("asr-bundle"), "--out", help="bundle folder (replaced atomically)"),
+                   variant: str = typer.Option("int8-static", help="fp32-onnx | int8-dynamic | int8-static"),
+                   measure: bool = typer.Option(True, help="measure CER, RTF and chunk latency into the README")):
+    """Write the edge deployment bundle: INT8 model, token table, feature config, a minimal runner."""
+    from . import api
+
+    res = api.asr_bundle(out_dir, variant=variant, measure=measure)
+    out.print(f"wrote {res['dir']}/ ({', '.join(res['files'])}): model {res['size_bytes'] / 1024:.0f} KB, "
+              f"bundle {res['bundle_bytes'] / 1024:.0f} KB", highlight=False)
+    if "cer" in res:
+        out.print(f"held-out voices: CER {res['cer'] * 100:.2f}%, WER {res['wer'] * 100:.2f}%; RTF {res['rtf_1thread']:.4f} "
+                  f"on 1 thread; per-chunk p50 {res['chunk_ms_p50']:.3f} ms, p99 {res['chunk_ms_p99']:.3f} ms; "
+                  f"algorithmic latency {res['algorithmic_latency_ms']:.0f} ms", highlight=False)
+
+
+@asr_app.command("transcribe")
+@user_errors
+def asr_transcribe_cmd(audio: Path = typer.Argument(..., help="audio file: WAV/FLAC/OGG, any rate, mono or stereo"),
+                       stream: bool = typer.Option(False, "--stream", help="feed 100 ms pieces and print partial results"),
+                       variant: str = typer.Option("int8-static", help="fp32-torch | fp32-onnx | int8-dynamic | int8-static"),
+                       beam: int = typer.Option(0, help="CTC prefix beam search width for the final result (0: greedy)"),
+                       threads: int = typer.Option(1, help="intra-op threads"),
+                       as_json: bool = typer.Option(False, "--json", help="print the result as JSON")):
+    """Transcribe an audio file with the streaming recognizer."""
+    from . import api
+
+    res = api.transcribe(audio, variant=variant, stream=stream, beam=beam, threads=threads,
+                         on_partial=(lambda t: err.print(f"... {t}", highlight=False, markup=False)) if stream else None)
+    if as_json:
+        print(json.dumps(res))
+        return
+    out.print(res["text"], highlight=False, markup=False)
+    rtf = f", RTF {res['rtf']:.4f}" if res["rtf"] is not None else ""
+    err.print(f"{res['seconds']:.2f} s of audio, {res['chunks']} chunks, {res['variant']}{rtf}", highlight=False)
 
 
 def main() -> None:  # pragma: no cover

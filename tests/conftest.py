@@ -13,6 +13,9 @@ import pytest
 # every test process gets its own cache: tests never read or write the user's .deepship-cache
 os.environ["DEEPSHIP_CACHE"] = tempfile.mkdtemp(prefix="deepship-test-cache-")
 os.environ.setdefault("DEEPSHIP_THREADS", "1")
+# ... except the synthesized speech corpus: deterministic data keyed by its recipe, built once per
+# machine and shared by the test workers (a file lock makes concurrent workers build it once)
+os.environ.setdefault("DEEPSHIP_SPEECH_CACHE", str(Path(tempfile.gettempdir()) / "deepship-test-speech"))
 warnings.filterwarnings("ignore")
 logging.getLogger("torch").setLevel(logging.ERROR)
 

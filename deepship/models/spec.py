@@ -196,6 +196,9 @@ class ModelSpec:
         measure: optional ``(ctx, variant, session) -> dict`` of extra per-variant measurements
             (tokens/s, acceptance rate, real-time factor, ...) stored in the report row's ``extra``
             and shown in the Markdown notes.
+        train_data: optional ``() -> Any`` giving what ``train`` trains on when that is not ``data()``
+            (the ASR model trains on utterances; its ``data`` holds recorded streaming chunks, which
+            need the trained model).
     """
 
     name: str
@@ -216,6 +219,7 @@ class ModelSpec:
     extra: dict[str, Any] = field(default_factory=dict)
     plan: Callable[[list], list] | None = None
     measure: Callable[[Any, Any, Any], dict] | None = None
+    train_data: Callable[[], Any] | None = None
 
     def example_inputs(self, sizes: Mapping[str, int] | None = None, seed: int = 0) -> dict[str, np.ndarray]:
         """Random inputs at the example shape (or ``sizes``), dict name -> numpy array."""

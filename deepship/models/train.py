@@ -34,6 +34,34 @@ def eval_mode(model):
         return model
 
 
+def fp16_storage(module, state_dict, prefix, local_metadata):
+    """``state_dict`` post-hook (``module.register_state_dict_post_hook(fp16_storage)``): floating
+    tensors are saved as float16, which halves the committed weights; pair with :func:`round_to_storage`
+    at the end of training so the file holds the trained model exactly."""
+    for k, v in state_dict.items():
+        if k.startswith(prefix) and v.is_floating_point():
+            state_dict[k] = v.detach().to(torch.float16)
+
+
+def round_to_storage(model: nn.Module) -> nn.Module:
+    """Round every floating parameter and buffer to float16 and back (see :func:`fp16_storage`)."""
+    with torch.no_grad():
+        for t in list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]:
+            t.copy_(t.half().float())
+    return model
+
+
+def train_log(name: str):
+    """A ``print``-like progress logger for long training loops (to stderr), or ``None`` unless the
+    environment variable ``DEEPSHIP_TRAIN_LOG`` is set."""
+    import os
+    import sys
+
+    if not os.environ.get("DEEPSHIP_TRAIN_LOG"):
+        return None
+    return lambda s: print(f"{name}: {s}", file=sys.stderr, flush=True)
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch."""
     import random
@@ -113,7 +141,7 @@ def train_model(spec: "ModelSpec", recipe: dict | None = None) -> tuple[nn.Modul
         raise WeightsError(f"model '{spec.name}' has no training recipe; pass --weights")
     seed_everything(int(recipe.get("seed", 0)))
     model = build_model(spec, recipe)
-    stats = spec.train(model, spec.data(), recipe)
+    stats = spec.train(model, (spec.train_data or spec.data)(), recipe)
     return model.eval(), stats
 
 

@@ -6,6 +6,8 @@
 | ``cnn`` | LeNet-style CNN (2 conv + 2 fc) | digits 8x8 | top-1 accuracy |
 | ``lstm`` | 1-layer LSTM forecaster | sunspots | MAE (lower is better), ARIMA reference |
 | ``gru`` | 1-layer GRU forecaster | sunspots | MAE (lower is better), ARIMA reference |
+| ``gpt``, ``gpt-draft`` | GPT decoder with KV cache, and its distilled draft | tiny-shakespeare | perplexity |
+| ``asr`` | streaming Conformer + LSTM + CTC | espeak-ng speech + noise | CER (lower is better) |
 """
 from __future__ import annotations
 
@@ -137,6 +139,12 @@ def _gpt_spec(name: str) -> ModelSpec:
     return gpt.gpt_spec() if name == "gpt" else gpt.draft_spec()
 
 
+def _asr_spec() -> ModelSpec:
+    from . import asr  # streaming Conformer + LSTM + CTC (deepship/models/asr.py); needs espeak-ng for data
+
+    return asr.asr_spec()
+
+
 ZOO: dict[str, Callable[[], ModelSpec]] = {
     "mlp": lambda: _digits_spec(
         "mlp", False, _mlp_build,
@@ -150,6 +158,7 @@ ZOO: dict[str, Callable[[], ModelSpec]] = {
     "gru": lambda: _rnn_spec("gru"),
     "gpt": lambda: _gpt_spec("gpt"),
     "gpt-draft": lambda: _gpt_spec("gpt-draft"),
+    "asr": lambda: _asr_spec(),
 }
 
 #: The models ``optimize report`` runs when none are named.

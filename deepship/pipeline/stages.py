@@ -213,6 +213,22 @@ class ModelContext:
             return self.baseline()
         raise StageError(f"model '{self.spec.name}' has no variant '{name}' built yet; build its parent first")
 
+    def build_planned(self, name: str, plan: list) -> Variant:
+        """Build the variant ``name`` of a report plan (entries ``(name, stage, method, params, parent)``)
+        and, first, its parents; ``fp32-torch`` is the baseline.
+
+        Raises:
+            StageError: ``name`` is not in the plan (the message lists the plan's names).
+        """
+        if name == "fp32-torch":
+            return self.baseline()
+        entries = {e[0]: e for e in plan}
+        if name not in entries:
+            raise StageError(f"unknown variant '{name}' of {self.spec.name}; use one of "
+                             f"{', '.join(['fp32-torch'] + list(entries))}")
+        _, stage, method, params, parent = entries[name]
+        return self.build(name, stage, method, params, self.build_planned(parent, plan))
+
     def build(self, name: str, stage: str, method: str, params: dict | None = None,
               parent: Variant | str | None = None) -> Variant:
         """Build (or reuse from the cache) the variant ``name`` = ``stage/method(params)`` of ``parent``.

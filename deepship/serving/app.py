@@ -12,6 +12,7 @@
 | POST | ``/v2/repository/index`` | the served models and their state |
 | GET | ``/metrics`` | Prometheus metrics (:mod:`deepship.serving.metrics`) |
 | POST | ``/v2/models/{name}/generate``, ``.../generate_stream`` | token generation for KV-cache decoders (:mod:`deepship.serving.generate`) |
+| WS | ``/v2/models/{name}/stream`` | streaming speech recognition for ASR chunk models (:mod:`deepship.serving.asr`) |
 
 Every ``/v2/models/{name}/...`` path also answers as ``/v2/models/{name}/versions/1/...`` (each
 variant is its own model, with the single version ``1``). Errors are ``{"error": "<one line>"}``
@@ -77,7 +78,7 @@ class ServingExtension(Protocol):
     """A serving extension: extra endpoints for models that are not plain request/response tensors.
 
     Attributes:
-        name: listed in ``GET /v2`` ``extensions`` (e.g. ``"generate"``, ``"streaming_asr"``).
+        name: listed in ``GET /v2`` ``extensions`` (e.g. ``"generate"``, ``"asr_stream"``).
     """
 
     name: str
@@ -308,7 +309,7 @@ def create_app(server: InferenceServer) -> "InferMiddleware":
         app.get(prefix + "/ready")(model_ready)
         app.get(prefix + "/config")(config)
 
-    from . import generate  # noqa: F401  (registers the generate extension)
+    from . import asr, generate  # noqa: F401  (register the asr_stream and generate extensions)
 
     for ext in _EXTENSIONS.values():
         if any(ext.applies(m) for m in server.repository.models.values()):

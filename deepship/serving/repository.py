@@ -68,7 +68,8 @@ class ServedModel:
         source: facts shown in the model configuration: model, variant, format, precision,
             provider, artifact path.
         kind: ``"tensor"`` for request/response models, ``"decoder"`` for KV-cache decoder steps
-            (:func:`is_kv_decoder`; never batched, served by :mod:`deepship.serving.generate` too).
+            (:func:`is_kv_decoder`; never batched, served by :mod:`deepship.serving.generate` too),
+            ``"streaming-asr"`` for ASR chunk graphs (batched by chunk; :mod:`deepship.serving.asr`).
             Extensions select their models by ``kind`` (see :mod:`deepship.serving.app`).
         extra: the report row and model section, for extensions that need more (KV-cache layout,
             stream state names).
@@ -400,7 +401,14 @@ def build_model(src: ModelSource, max_batch_size: int, threads: int | None = Non
     backend = "onnxruntime" if src.format == "onnx" else src.format.split(":", 1)[-1]
     return ServedModel(src.name, sess, ins, outs, max_batch_size if batchable else 0,
                        platform=TRITON_PLATFORMS.get(backend, f"deepship_{backend}"), backend=backend,
-                       source=info, kind="decoder" if decoder else "tensor", extra=src.extra)
+                       source=info, kind="decoder" if decoder else ("streaming-asr" if _is_asr(ins) else "tensor"),
+                       extra=src.extra)
+
+
+def _is_asr(ins: Sequence[TensorSpec]) -> bool:
+    from .asr import is_asr_chunk_model
+
+    return is_asr_chunk_model(ins)
 
 
 def is_kv_decoder(inputs: Sequence[TensorSpec]) -> bool:
