@@ -11,6 +11,7 @@ For FP32 torch, FP32 ONNX, INT8 dynamic and INT8 static QDQ of the ``asr`` zoo m
 - size on disk, and the bundle (``optimize asr bundle``, INT8 static) in bytes;
 - peak RSS of a fresh bundle runner process (onnxruntime + numpy + kaldi-native-fbank).
 
+The bundle and the RTF/latency bars use the deployed variant (INT8 dynamic, ``api.ASR_DEPLOY_VARIANT``).
 Bars: INT8 bundle <= 2 MB; RTF <= 0.05 on 1 thread; per-chunk p99 <= 5 ms for a 40 ms chunk;
 algorithmic latency <= 200 ms; CER on clean held-out voices <= 10%; INT8 CER within 1 point of FP32.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import tempfile
 import time
@@ -33,6 +35,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 warnings.filterwarnings("ignore")
+logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization logs a line per 1-D weight
 
 VARIANTS = ["fp32-torch", "fp32-onnx", "int8-dynamic", "int8-static"]
 
@@ -60,7 +63,7 @@ def main() -> None:
         m = A.measure_streaming(ctx, v, sess, utterances=args.rtf_utterances)
         row = {"variant": name, "format": v.format, "precision": v.precision, "size_bytes": v.size_bytes(),
                "cer": round(clean["cer"], 4), **m}
-        if name in ("fp32-onnx", "int8-static"):
+        if name in ("fp32-onnx", "int8-dynamic", "int8-static"):
             lps = A.stream_batch(sess.run, corpus.test.feats, A.DEFAULT, A.feature_mean())
             hyps = [S.decode_labels(ctc_prefix_beam_search(lp, beam=8)).strip() for lp in lps]
             row["cer_beam8"] = round(A.error_rates(hyps, corpus.test.texts)["cer"], 4)
@@ -68,22 +71,26 @@ def main() -> None:
         rows[name] = row
         print(json.dumps(row), flush=True)
     with tempfile.TemporaryDirectory() as td:
-        b = api.asr_bundle(Path(td) / "bundle", variant="int8-static", measure=False)
-    fp32, int8 = rows["fp32-onnx"], rows["int8-static"]
+        b = api.asr_bundle(Path(td) / "bundle", measure=False)
+    fp32, int8 = rows["fp32-onnx"], rows[api.ASR_DEPLOY_VARIANT]
+    st = rows["int8-static"]
     bars = {
         "bundle_bytes": {"value": b["bundle_bytes"], "target": "<= 2 MB (2,000,000 bytes)", "met": b["bundle_bytes"] <= 2_000_000},
-        "rtf_1thread_int8_static": {"value": int8["rtf_1thread"], "target": "<= 0.05", "met": int8["rtf_1thread"] <= 0.05},
-        "chunk_ms_p99_int8_static": {"value": int8["chunk_ms_p99"], "target": "<= 5 ms", "met": int8["chunk_ms_p99"] <= 5},
+        "rtf_1thread_bundled_int8": {"value": int8["rtf_1thread"], "target": "<= 0.05", "met": int8["rtf_1thread"] <= 0.05},
+        "chunk_ms_p99_bundled_int8": {"value": int8["chunk_ms_p99"], "target": "<= 5 ms", "met": int8["chunk_ms_p99"] <= 5},
         "algorithmic_latency_ms": {"value": A.DEFAULT.algorithmic_latency_ms, "target": "<= 200 ms",
                                    "met": A.DEFAULT.algorithmic_latency_ms <= 200},
         "cer_clean_fp32": {"value": fp32["cer"], "target": "<= 10%", "met": fp32["cer"] <= 0.10},
-        "cer_int8_minus_fp32_pt": {"value": round((int8["cer"] - fp32["cer"]) * 100, 2), "target": "<= 1 point",
-                                   "met": (int8["cer"] - fp32["cer"]) * 100 <= 1.0},
+        "cer_int8_dynamic_minus_fp32_pt": {"value": round((int8["cer"] - fp32["cer"]) * 100, 2), "target": "<= 1 point",
+                                           "met": (int8["cer"] - fp32["cer"]) * 100 <= 1.0},
+        "cer_int8_static_minus_fp32_pt": {"value": round((st["cer"] - fp32["cer"]) * 100, 2), "target": "<= 1 point",
+                                          "met": (st["cer"] - fp32["cer"]) * 100 <= 1.0},
     }
     res = {"date": time.strftime("%Y-%m-%d"), "machine": machine_info(), "config": A.DEFAULT.to_dict(),
            "corpus": {"train_utterances": len(corpus.train), "train_hours": round(float(corpus.train.seconds.sum()) / 3600, 2),
                       "test_utterances": len(corpus.test), "test_seconds": round(float(corpus.test.seconds.sum()), 1)},
-           "variants": rows, "bundle": {k: b[k] for k in ("bundle_bytes", "size_bytes", "files")}, "bars": bars}
+           "variants": rows, "bundle": {"variant": b["variant"], **{k: b[k] for k in ("bundle_bytes", "size_bytes", "files")}},
+           "bars": bars}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "asr.json").write_text(json.dumps(res, indent=1))

@@ -452,7 +452,7 @@ app.add_typer(asr_app, name="asr")
 @asr_app.command("bundle")
 @user_errors
 def asr_bundle_cmd(out_dir: Path = typer.Option(Path("asr-bundle"), "--out", help="bundle folder (replaced atomically)"),
-                   variant: str = typer.Option("int8-static", help="fp32-onnx | int8-dynamic | int8-static"),
+                   variant: str = typer.Option("int8-dynamic", help="fp32-onnx | int8-dynamic | int8-static"),
                    measure: bool = typer.Option(True, help="measure CER, RTF and chunk latency into the README")):
     """Write the edge deployment bundle: INT8 model, token table, feature config, a minimal runner."""
     from . import api
@@ -470,7 +470,7 @@ def asr_bundle_cmd(out_dir: Path = typer.Option(Path("asr-bundle"), "--out", hel
 @user_errors
 def asr_transcribe_cmd(audio: Path = typer.Argument(..., help="audio file: WAV/FLAC/OGG, any rate, mono or stereo"),
                        stream: bool = typer.Option(False, "--stream", help="feed 100 ms pieces and print partial results"),
-                       variant: str = typer.Option("int8-static", help="fp32-torch | fp32-onnx | int8-dynamic | int8-static"),
+                       variant: str = typer.Option("int8-dynamic", help="fp32-torch | fp32-onnx | int8-dynamic | int8-static"),
                        beam: int = typer.Option(0, help="CTC prefix beam search width for the final result (0: greedy)"),
                        threads: int = typer.Option(1, help="intra-op threads"),
                        as_json: bool = typer.Option(False, "--json", help="print the result as JSON")):

@@ -516,8 +516,9 @@ def measure_streaming(ctx: Any, variant: Any, session: Any, utterances: int = RT
 
 
 def runner_peak_rss_mb(model_path: str, audio: np.ndarray) -> float | None:
-    """Peak RSS (MiB) of ``python asr_stream.py MODEL features.json utt.wav`` in a fresh process."""
-    import os
+    """Peak RSS (MiB, ``VmHWM``) of the bundle runner (``asr_stream.py MODEL features.json utt.wav``)
+    in a fresh Python process. ``VmHWM`` is read inside that process at the end: the child's
+    ``ru_maxrss`` would also count the parent's pages it shared between fork and exec."""
     import subprocess
     import sys
     import tempfile
@@ -535,9 +536,10 @@ def runner_peak_rss_mb(model_path: str, audio: np.ndarray) -> float | None:
             w.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
         feats = Path(td) / "features.json"
         feats.write_text(json.dumps(feature_config()))
-        p = subprocess.Popen([sys.executable, asr_stream.__file__, str(model_path), str(feats), str(wav)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _, status, ru = os.wait4(p.pid, 0)
-        if status != 0:
+        code = ("import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__'); "
+                "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0], file=sys.stderr)")
+        p = subprocess.run([sys.executable, "-c", code, asr_stream.__file__, str(model_path), str(feats), str(wav)],
+                           capture_output=True, text=True, timeout=300)
+        if p.returncode != 0 or not p.stderr.strip():
             return None
-        return round(ru.ru_maxrss / 1024, 1)  # Linux: KiB
+        return round(int(p.stderr.strip().splitlines()[-1]) / 1024, 1)  # VmHWM is in kB
