@@ -1,6 +1,5 @@
 """Bring your own model (factory + weights, .pt2, .onnx, labeled .npz) and the CLI's bad-input contract:
 one-line error, exit 2, no traceback, no partial file."""
-import json
 from pathlib import Path
 
 import numpy as np

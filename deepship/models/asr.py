@@ -38,7 +38,7 @@ import functools
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -47,7 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import speech as S
-from .spec import Dataset, Metric, ModelSpec, Split, TensorSpec
+from .spec import ArchConfig, Dataset, Metric, ModelSpec, Split, TensorSpec
 from .train import fp16_storage, round_to_storage
 
 SUBSAMPLING = 4
@@ -55,7 +55,7 @@ SUB_CONTEXT = 3  # fbank frames the subsampling convolutions need from the previ
 
 
 @dataclass(frozen=True)
-class ASRConfig:
+class ASRConfig(ArchConfig):
     """Architecture and streaming configuration.
 
     ``chunk`` is in encoder frames (40 ms each): ``chunk=1`` is a 40 ms chunk of 4 fbank frames.
@@ -73,13 +73,6 @@ class ASRConfig:
     chunk: int = 1
     lstm_hidden: int = 128
     vocab: int = len(S.VOCAB)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict | None) -> "ASRConfig":
-        return cls(**{k: v for k, v in (d or {}).items() if k in cls.__dataclass_fields__})
 
     @property
     def chunk_frames(self) -> int:

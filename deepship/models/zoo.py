@@ -13,12 +13,11 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.nn as nn
 
 from . import data as D
-from .spec import ACCURACY, MAE, Dataset, ModelSpec, TensorSpec
+from .spec import ACCURACY, MAE, ModelSpec, TensorSpec
 from .train import train_classifier, train_regressor
 
 

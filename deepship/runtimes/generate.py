@@ -38,8 +38,8 @@ the target's greedy output. Caches roll back by a length (the runners truncate).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import numpy as np
 

@@ -243,8 +243,8 @@ class GenerateExtension:
             server.metrics.request(name if server.repository.get(name) else "unknown", e.status,
                                    time.perf_counter() - t0)
 
-        async def generate(name: str, request: Request, version: str | None = None):
-            t0 = time.perf_counter()
+        async def admitted(name: str, request: Request, version: str | None, t0: float):
+            """Look up, validate and admit a request; ``(decoder, run, prompt length, draft name)``."""
             try:
                 d = lookup(name, version)
                 run, plen, draft = prepare(d, await request.body())
@@ -252,18 +252,17 @@ class GenerateExtension:
             except RequestError as e:
                 refuse(name, e, t0)
                 raise
+            return d, run, plen, draft
+
+        async def generate(name: str, request: Request, version: str | None = None):
+            t0 = time.perf_counter()
+            d, run, plen, draft = await admitted(name, request, version, t0)
             res = await asyncio.shield(start(d, run, None, t0, failed_status))
             return Response(orjson.dumps(result_body(d, res, plen, draft)), 200, media_type="application/json")
 
         async def generate_stream(name: str, request: Request, version: str | None = None):
             t0 = time.perf_counter()
-            try:
-                d = lookup(name, version)
-                run, plen, draft = prepare(d, await request.body())
-                await admit(d.model.name)
-            except RequestError as e:
-                refuse(name, e, t0)
-                raise
+            d, run, plen, draft = await admitted(name, request, version, t0)
             loop = asyncio.get_running_loop()
             queue: asyncio.Queue = asyncio.Queue()
             gone = threading.Event()
