@@ -319,7 +319,13 @@ def _build(arch: dict | None = None) -> StreamingConformerCTC:
     return StreamingConformerCTC(ASRConfig.from_dict({**DEFAULT.to_dict(), **(arch or {})}))
 
 
-CER = Metric("cer", False, lambda p, y: float("nan"), unit="%", scale=100.0)
+def _cer_needs_streaming(pred: np.ndarray, targets: np.ndarray) -> float:
+    raise NotImplementedError("CER is measured by streaming whole utterances (asr.evaluate_cer), "
+                              "not from one batch of chunk outputs")
+
+
+#: character error rate (fraction, shown in %); computed by the spec's ``evaluate`` (:func:`evaluate_cer`)
+CER = Metric("cer", False, _cer_needs_streaming, unit="%", scale=100.0)
 
 
 def asr_spec() -> ModelSpec:
