@@ -52,7 +52,7 @@ def main() -> None:
     from deepship.utils import machine_info
 
     ctx = api.load("asr")
-    corpus = S.corpus(A.RECIPE["corpus"])
+    corpus = A.corpus()
     rows = {}
     for name in VARIANTS:
         t0 = time.perf_counter()

@@ -131,13 +131,14 @@ class Metric:
         name: e.g. ``"accuracy"`` (fraction in [0, 1], reported as %) or ``"mae"``.
         higher_is_better: direction, used by the report's change column and the CI gate.
         fn: ``fn(predictions: np.ndarray, targets: np.ndarray) -> float``. Predictions are the
-            model's first output over the whole held-out split.
+            model's first output over the whole held-out split. ``None`` for a metric that only the
+            spec's ``evaluate`` can compute (e.g. CER, which streams whole utterances).
         unit: display unit (``"%"`` for accuracy shown as percentage points).
     """
 
     name: str
     higher_is_better: bool
-    fn: Callable[[np.ndarray, np.ndarray], float]
+    fn: Callable[[np.ndarray, np.ndarray], float] | None
     unit: str = ""
     scale: float = 1.0  # display scale (accuracy: 100 -> percentage points)
 

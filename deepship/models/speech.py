@@ -331,8 +331,9 @@ def _load_or_build(path: Path, r: dict, progress) -> SpeechCorpus:
     return SpeechCorpus(train, test, noisy, te_audio, r)
 
 
-def check_audio_file(path: str | Path) -> None:
-    """Raise :class:`DataError` unless ``path`` is a readable audio file with at least one sample."""
+def check_audio_file(path: str | Path):
+    """The ``soundfile.info`` of ``path``; raises :class:`DataError` unless it is a readable audio file
+    with at least one sample."""
     import soundfile as sf
 
     path = Path(path)
@@ -344,6 +345,7 @@ def check_audio_file(path: str | Path) -> None:
         raise DataError(f"cannot read {path} as audio ({str(e).splitlines()[0][:100]}); give a WAV, FLAC or OGG file") from None
     if info.frames == 0:
         raise DataError(f"audio file {path} has no samples; record some speech")
+    return info
 
 
 def audio_blocks(path: str | Path, seconds: float = 0.1):
@@ -354,8 +356,7 @@ def audio_blocks(path: str | Path, seconds: float = 0.1):
     """
     import soundfile as sf
 
-    check_audio_file(path)
-    rate = sf.info(str(path)).samplerate
+    rate = check_audio_file(path).samplerate
     for b in sf.blocks(str(path), blocksize=max(1, int(rate * seconds)), dtype="float32", always_2d=True):
         x = b.mean(axis=1)
         if not np.all(np.isfinite(x)):
@@ -387,9 +388,7 @@ def load_audio(path: str | Path, max_seconds: float = 600.0) -> np.ndarray:
     """
     import soundfile as sf
 
-    check_audio_file(path)
-    path = Path(path)
-    info = sf.info(str(path))
+    info = check_audio_file(path)
     if info.frames / info.samplerate > max_seconds:
         raise DataError(f"audio file {path} is {info.frames / info.samplerate:.0f} s long, over the {max_seconds:.0f} s "
                         "limit; split it or use --stream")

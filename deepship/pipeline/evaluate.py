@@ -60,6 +60,6 @@ def evaluate(ctx, session, reference: np.ndarray | None) -> dict[str, Any]:
     metric = None
     if spec.evaluate is not None:
         metric = float(spec.evaluate(session))
-    elif spec.metric is not None and targets is not None:
+    elif spec.metric is not None and spec.metric.fn is not None and targets is not None:
         metric = float(spec.metric.fn(first, targets))
     return {"metric": metric, "drift": drift(first, reference) if reference is not None else None, "outputs": first}
