@@ -364,17 +364,33 @@ def audio_blocks(path: str | Path, seconds: float = 0.1):
         yield x, rate
 
 
-def audio_blocks_16k(path: str | Path, seconds: float = 0.1):
-    """Like :func:`audio_blocks`, resampled to 16 kHz on the fly (``soxr.ResampleStream``); yields float32 blocks."""
-    rs = None
-    for x, rate in audio_blocks(path, seconds):
-        if rate != SAMPLE_RATE and rs is None:
+class To16k:
+    """Streaming resampler from ``rate`` Hz to 16 kHz (``soxr.ResampleStream``, which keeps its filter
+    state between pieces); a pass-through at 16 kHz. ``self(x)`` resamples a float32 mono piece,
+    ``flush()`` returns the samples still held at the end of the stream."""
+
+    def __init__(self, rate: int):
+        self.rs = None
+        if int(rate) != SAMPLE_RATE:
             import soxr
 
-            rs = soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32")
-        yield rs.resample_chunk(x) if rs is not None else x
-    if rs is not None:
-        yield rs.resample_chunk(np.zeros(0, np.float32), last=True)
+            self.rs = soxr.ResampleStream(int(rate), SAMPLE_RATE, 1, dtype="float32")
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return x if self.rs is None else self.rs.resample_chunk(x)
+
+    def flush(self) -> np.ndarray:
+        return np.zeros(0, np.float32) if self.rs is None else self.rs.resample_chunk(np.zeros(0, np.float32), last=True)
+
+
+def audio_blocks_16k(path: str | Path, seconds: float = 0.1):
+    """Like :func:`audio_blocks`, resampled to 16 kHz on the fly (:class:`To16k`); yields float32 blocks."""
+    rs = None
+    for x, rate in audio_blocks(path, seconds):
+        rs = rs or To16k(rate)
+        yield rs(x)
+    if rs is not None and rs.rs is not None:
+        yield rs.flush()
 
 
 def load_audio(path: str | Path, max_seconds: float = 600.0) -> np.ndarray:

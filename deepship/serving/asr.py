@@ -5,7 +5,8 @@ with its own state (:class:`deepship.runtimes.asr_stream.Stream`: online fbank, 
 caches, LSTM state). Protocol:
 
 - client -> server, optional first text message: ``{"sample_rate": 16000, "format": "f32le" | "s16le",
-  "beam": 0}`` (defaults shown; any rate is resampled to 16 kHz with ``soxr.ResampleStream``);
+  "beam": 0}`` (defaults shown; any rate is resampled to 16 kHz with ``soxr.ResampleStream``, at the
+  rate given before the first audio message);
 - client -> server, binary messages: mono PCM in that format, any length;
 - client -> server, text ``{"event": "end"}``: no more audio; the server flushes and answers the final
   result, then closes the connection (code 1000);
@@ -78,6 +79,7 @@ class AsrStreamExtension:
         pool = ThreadPoolExecutor(max_workers=MAX_STREAMS * len(models), thread_name_prefix="asr-stream")
 
         async def stream(ws: WebSocket, name: str, version: str | None = None):
+            from ..models.speech import To16k
             from ..runtimes.asr_stream import Stream
             from .protocol import RequestError
 
@@ -141,12 +143,8 @@ class AsrStreamExtension:
                         status = 400
                         await _refuse(ws, "audio holds NaN or infinite samples", 1003)
                         return
-                    if rate != 16000:
-                        if rs is None:
-                            import soxr
-
-                            rs = soxr.ResampleStream(rate, 16000, 1, dtype="float32")
-                        x = rs.resample_chunk(x)
+                    rs = rs or To16k(rate)  # the rate of the first audio message holds for the stream
+                    x = rs(x)
                     c0 = time.perf_counter()
                     await loop.run_in_executor(pool, st.accept_waveform, x, 16000)
                     compute += time.perf_counter() - c0
@@ -155,9 +153,8 @@ class AsrStreamExtension:
                         last = part
                         await ws.send_text(orjson.dumps({"text": part, "final": False,
                                                          "chunks": len(st.log_probs)}).decode())
-                if rs is not None:
-                    tail = rs.resample_chunk(np.zeros(0, np.float32), last=True)
-                    await loop.run_in_executor(pool, st.accept_waveform, tail, 16000)
+                if rs is not None and rs.rs is not None:
+                    await loop.run_in_executor(pool, st.accept_waveform, rs.flush(), 16000)
                 c0 = time.perf_counter()
                 text = await loop.run_in_executor(pool, st.finalize, beam)
                 compute += time.perf_counter() - c0
