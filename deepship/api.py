@@ -260,15 +260,15 @@ def generate(model: str = "gpt", prompt: str | Sequence[int] = "", max_new_token
 
     from .errors import InputSpecError
     from .models import gpt as G
-    from .runtimes.generate import Sampling, check_prompt, generate as _generate, speculative_generate
+    from .runtimes.generate import Sampling, check_max_new_tokens, check_prompt, speculative_generate
+    from .runtimes.generate import generate as _generate
 
     ctx = load(model)
     cfg = G.config_of(ctx.spec)
     ids = check_prompt(G.encode(prompt) if isinstance(prompt, str) else prompt, cfg.layout())  # before any build
     sampling = Sampling(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     sampling.check(cfg.vocab_size)
-    if max_new_tokens < 1:
-        raise InputSpecError(f"--max-new-tokens {max_new_tokens} must be >= 1")
+    check_max_new_tokens(max_new_tokens)
     stop_ids = G.stop_token_ids(stop)
     dctx = None
     if speculative:

@@ -449,7 +449,8 @@ def check_prompt(prompt: np.ndarray | Sequence[int], layout: KVLayout) -> np.nda
     return ids
 
 
-def _check_limits(max_new_tokens: int) -> None:
+def check_max_new_tokens(max_new_tokens: int) -> None:
+    """Raise :class:`InputSpecError` unless the token limit is at least 1."""
     if max_new_tokens < 1:
         raise InputSpecError(f"--max-new-tokens {max_new_tokens} must be >= 1")
 
@@ -477,7 +478,7 @@ def generate(runner: KVRunner, prompt: np.ndarray | Sequence[int], max_new_token
     """
     L = runner.layout
     ids = check_prompt(prompt, L)
-    _check_limits(max_new_tokens)
+    check_max_new_tokens(max_new_tokens)
     sampling.check(L.vocab_size)
     rng = np.random.default_rng(sampling.seed)
     b, plen = ids.shape
@@ -562,7 +563,7 @@ def speculative_generate(target: KVRunner, draft: KVRunner, prompt: np.ndarray |
         raise InputSpecError(f"speculative decoding runs one prompt at a time; got a batch of {ids.shape[0]}")
     if ids.shape[1] >= D.context:
         raise InputSpecError(f"the prompt has {ids.shape[1]} tokens but the draft's context is {D.context}")
-    _check_limits(max_new_tokens)
+    check_max_new_tokens(max_new_tokens)
     sampling.check(T.vocab_size)
     rng = np.random.default_rng(sampling.seed)
     context = min(T.context, D.context)

@@ -167,11 +167,11 @@ class GenerateExtension:
                 return gen_loop(runner, ids, max_tokens, sampling=sampling, stop_tokens=stop_ids, on_tokens=on_tokens)
 
             # the checks the loop makes first (prompt, limits, sampling), before any event is sent
-            from ..runtimes.generate import _check_limits, check_prompt
+            from ..runtimes.generate import check_max_new_tokens, check_prompt
 
             try:
                 check_prompt(ids, d.layout)
-                _check_limits(max_tokens)
+                check_max_new_tokens(max_tokens)
                 sampling.check(d.layout.vocab_size)
             except DeepshipError as e:
                 raise RequestError(str(e), 400) from None
