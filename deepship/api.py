@@ -419,14 +419,14 @@ def transcribe(audio: str | Path, variant: str = ASR_DEPLOY_VARIANT, stream: boo
 
     from .models import asr as A
     from .models import speech as S
-    from .runtimes.asr_stream import FeatureConfig, Stream
+    from .runtimes.asr_stream import Stream
 
     # the file is checked before anything is built
     samples = S.load_audio(audio) if not stream else S.check_audio_file(audio)
     ctx = load("asr")
     v = asr_variant(ctx, variant)
     sess = ctx.session(v, threads=threads)
-    st = Stream(sess, FeatureConfig(A.feature_config()))
+    st = Stream(sess, A.stream_config())
     t0 = _time.perf_counter()
     if not stream:
         st.accept_waveform(samples, S.SAMPLE_RATE)

@@ -450,6 +450,13 @@ def corpus() -> "S.SpeechCorpus":
 _EVALUATED: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 
 
+def stream_config():
+    """The :class:`deepship.runtimes.asr_stream.FeatureConfig` of the trained model (for a ``Stream``)."""
+    from ..runtimes.asr_stream import FeatureConfig
+
+    return FeatureConfig(feature_config())
+
+
 def evaluate_cer(session, noisy: bool = False, limit: int | None = None) -> dict[str, float]:
     """CER and WER (fractions) of greedy CTC over the held-out voices and sentences, streamed chunk by
     chunk through ``session`` (clean, or at 10 dB SNR with ``noisy``). Computed once per session."""
@@ -502,14 +509,14 @@ def measure_streaming(ctx: Any, variant: Any, session: Any, utterances: int = RT
     - ``peak_rss_mb``: peak resident memory of a fresh runner process (the bundle's ``asr_stream.py``:
       onnxruntime + numpy + kaldi-native-fbank) transcribing one utterance (ONNX variants only).
     """
-    from ..runtimes.asr_stream import FeatureConfig, Stream
+    from ..runtimes.asr_stream import Stream
 
     out: dict[str, Any] = {}
     er = evaluate_cer(session)
     out["wer"] = round(er["wer"], 4)
     out["cer_noisy"] = round(evaluate_cer(session, noisy=True)["cer"], 4)
     c = corpus()
-    fc = FeatureConfig(feature_config())
+    fc = stream_config()
     prev_threads = torch.get_num_threads()
     one = ctx.session(variant, threads=1)
     piece = S.SAMPLE_RATE * 40 // 1000

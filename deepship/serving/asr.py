@@ -72,9 +72,8 @@ class AsrStreamExtension:
         if not models:
             return
         from ..models import asr as A
-        from ..runtimes.asr_stream import FeatureConfig
 
-        fc = FeatureConfig(A.feature_config())
+        fc = A.stream_config()
         active = {n: 0 for n in models}
         pool = ThreadPoolExecutor(max_workers=MAX_STREAMS * len(models), thread_name_prefix="asr-stream")
 
