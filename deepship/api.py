@@ -164,13 +164,13 @@ def carry_on(ctx: ModelContext, source: Variant, quantize: Sequence[str] = ()) -
     Raises:
         StageError: an unknown quantize method; ExportError: export or parity failed.
     """
-    from .pipeline.prune import chain_entries
+    from .pipeline.prune import chain_entries, export_method
     from .pipeline.stages import get_stage
 
     for m in quantize:
         get_stage("quantize", m)
     return [ctx.build(n, stage, method, params, parent)
-            for n, stage, method, params, parent in chain_entries(source.name, quantize)]
+            for n, stage, method, params, parent in chain_entries(source.name, quantize, export_method(ctx.spec))]
 
 
 def publish(v: Variant, dest: str | Path) -> list[Path]:

@@ -306,7 +306,9 @@ def test_zoo_specs_and_bigram_reference():
     assert G.config_of(dspec).vocab_size == G.config_of(spec).vocab_size
     assert G.config_of(dspec).n_layer < G.config_of(spec).n_layer
     plan = spec.plan([])
-    assert [p[0] for p in plan] == ["fp32-onnx", "int8-dynamic", "int4-b32", "int4-b128"]
+    assert [p[0] for p in plan] == ["fp32-onnx", "int8-dynamic", "int4-b32", "int4-b128", "pruned-structured-50",
+                                    "pruned-structured-50-onnx", "pruned-structured-50-int4-b32"]
+    assert [p[0] for p in dspec.plan([])] == ["fp32-onnx", "int8-dynamic", "int4-b32", "int4-b128"]
     b = G.bigram_baseline()
     assert b["metric"] == "perplexity" and 10 < b["value"] < G.TARGET.vocab_size
 

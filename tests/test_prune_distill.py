@@ -136,6 +136,62 @@ def test_rnn_pruner_keeps_the_right_gate_rows(cls):
     torch.testing.assert_close(m(x), ref, rtol=1e-5, atol=1e-4)
 
 
+def _masked_like(original, pruned):
+    """``original`` with every attention head and MLP unit that ``pruned`` lacks switched off: the
+    head's value rows zeroed (its output is then 0) and the unit's pre-activation pushed to -1e4
+    (GELU gives 0)."""
+    import copy
+
+    ref = copy.deepcopy(original).float().eval()
+    with torch.no_grad():
+        for b0, b1, br in zip(original.blocks, pruned.blocks, ref.blocks):
+            c0, c1 = b0.attn.qkv.out_features // 3, b1.attn.qkv.out_features // 3
+            v0, v1 = b0.attn.qkv.weight[2 * c0:], b1.attn.qkv.weight[2 * c1:]
+            gone = [i for i in range(c0) if not any(torch.equal(v0[i], v1[j]) for j in range(c1))]
+            br.attn.qkv.weight[[2 * c0 + i for i in gone]] = 0
+            br.attn.qkv.bias[[2 * c0 + i for i in gone]] = 0
+            f0, f1 = b0.fc.weight, b1.fc.weight
+            gone = [i for i in range(len(f0)) if not any(torch.equal(f0[i], f1[j]) for j in range(len(f1)))]
+            br.fc.weight[gone] = 0
+            br.fc.bias[gone] = -1e4
+    return ref
+
+
+def test_gpt_heads_and_mlp_width_pruned_then_exported_with_the_kv_cache(ctxs):
+    """torch-pruning removes whole heads and MLP units of the GPT: the pruned model computes exactly what
+    the original computes with those heads and units switched off; the stage's variant reopens with
+    fewer heads in its KV cache, exports to the prefill + decode graphs (parity over 32 steps) and
+    INT4, and every form gives the same held-out perplexity."""
+    import copy
+
+    from deepship.models import gpt
+
+    ctx = ctxs("gpt")
+    m0 = ctx.module()
+    m, info = P.structured_prune(copy.deepcopy(m0).float().eval(), P._example_args(ctx), 0.5)
+    assert gpt.pruned_arch(m) == {"n_head": 2, "head_size": 32, "d_mlp": 256} and m.cfg.n_head == 2
+    assert info["parameters"] < 0.6 * info["parameters_before"]
+    assert m.blocks[0].ln1.normalized_shape == (128,) and m.tok_emb.weight.shape == (1024, 128)  # residual kept
+    x = torch.from_numpy(gpt.corpus()[1][:96][None])
+    with torch.no_grad():
+        assert (m(x)[0] - _masked_like(m0, m)(x)[0]).abs().max() < 1e-4
+
+    v = api.prune(ctx, 0.5, finetune_steps=4)
+    assert v.info["arch"]["n_head"] == 2 and v.info["finetune"]["steps"] == 4
+    onnx_v, int4 = api.carry_on(ctx, v, ["int4-weight-only"])
+    assert onnx_v.method == "onnx-kv" and onnx_v.info["parity"]["ok"] and onnx_v.info["parity_steps"]
+    assert gpt.variant_config(ctx, int4).n_head == 2
+    ids = gpt.corpus()[1][:1500]
+    ppl = {w.name: gpt.perplexity(ctx.session(w), gpt.TARGET, ids=ids) for w in (v, onnx_v, int4)}
+    assert abs(ppl[onnx_v.name] - ppl[v.name]) < 1e-3 * ppl[v.name]
+    assert abs(ppl[int4.name] - ppl[v.name]) < 0.1 * ppl[v.name]
+    assert ppl[v.name] < gpt.bigram_baseline()["value"]
+    from deepship.runtimes.generate import generate
+
+    runner = gpt.variant_runner(ctx, int4)
+    assert runner.layout.n_head == 2 and generate(runner, ids[None, :16], 8).tokens.shape[1] >= 1
+
+
 def test_user_model_pruned_is_saved_as_pt2_and_exports():
     ctx = api.load("test_prune_distill:small_mlp", inputs=["x:float32[batch,8]"])
     v = api.prune(ctx, 0.5, "structured")

@@ -245,10 +245,10 @@ def _register() -> None:
     @register_stage("export", "onnx-kv", "torch", "onnx")
     def _export_kv_stage(ctx, parent, params, out: Path):
         """torch -> ONNX prefill + decode-step graphs with past_key_values/present, parity over 32 steps."""
-        from ..models.gpt import config_of
+        from ..models.gpt import variant_config
 
         module = ctx.torch_session(parent).module
-        cfg = config_of(ctx.spec)
+        cfg = variant_config(ctx, parent)  # a pruned parent has fewer heads / a narrower MLP
         res = export_kv(module, cfg, out, opset=int(params.get("opset", DEFAULT_OPSET)),
                         steps=int(params.get("steps", PARITY_STEPS)))
         files = [f.name for f in res.files]  # decode.onnx first: the main file, which quantization reads

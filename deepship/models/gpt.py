@@ -84,8 +84,15 @@ class GPTConfig(ArchConfig):
         n_layer: transformer blocks.
         n_head: attention heads; ``d_model`` must be a multiple of it.
         d_model: residual width.
-        mlp_ratio: MLP hidden width = ``mlp_ratio * d_model``.
+        mlp_ratio: MLP hidden width = ``mlp_ratio * d_model`` (unless ``d_mlp`` is set).
         dropout: dropout during training (0 at inference).
+        head_size: width of one attention head; 0 means ``d_model // n_head``. Set by head pruning,
+            which removes whole heads: the attention width ``n_head * head_size`` then falls below
+            ``d_model`` while the residual width stays.
+        d_mlp: MLP hidden width; 0 means ``mlp_ratio * d_model``. Set by MLP-width pruning.
+
+    ``head_size`` and ``d_mlp`` are left out of :meth:`to_dict` while 0, so the recipes (and the
+    recipe hashes of the committed weights) of full-size models do not depend on them.
     """
 
     vocab_size: int = 1024
@@ -95,10 +102,28 @@ class GPTConfig(ArchConfig):
     d_model: int = 128
     mlp_ratio: int = 4
     dropout: float = 0.0
+    head_size: int = 0
+    d_mlp: int = 0
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_head
+        return self.head_size or self.d_model // self.n_head
+
+    @property
+    def attn_dim(self) -> int:
+        """Width of the concatenated heads: ``n_head * head_dim`` (``d_model`` unless heads were pruned)."""
+        return self.n_head * self.head_dim
+
+    @property
+    def mlp_dim(self) -> int:
+        return self.d_mlp or self.mlp_ratio * self.d_model
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        for k in ("head_size", "d_mlp"):
+            if not d[k]:
+                del d[k]
+        return d
 
     def layout(self):
         """The KV-cache layout the generation loop needs (:class:`deepship.runtimes.generate.KVLayout`)."""
@@ -117,6 +142,9 @@ DRAFT = GPTConfig(n_layer=1, n_head=4, d_model=128)
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with an explicit KV cache.
 
+    The query, key and value projections are one fused ``qkv`` Linear ``d_model -> 3 * attn_dim``
+    (``attn_dim = n_head * head_dim``, laid out ``[q | k | v]``), and ``proj`` maps ``attn_dim -> d_model``.
+
     ``forward(x, past_k, past_v)``: ``x`` float32 ``(batch, seq, d_model)``; ``past_k``/``past_v``
     float32 ``(batch, n_head, past, head_dim)`` or ``None``. Returns ``(y, present_k, present_v)`` with
     ``y`` ``(batch, seq, d_model)`` and the presents ``(batch, n_head, past + seq, head_dim)``. Query
@@ -125,16 +153,20 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        if cfg.d_model % cfg.n_head:
+        if not cfg.head_size and cfg.d_model % cfg.n_head:
             raise InputSpecError(f"d_model {cfg.d_model} is not a multiple of n_head {cfg.n_head}; change one")
         self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.attn_dim)
+        self.proj = nn.Linear(cfg.attn_dim, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, past_k=None, past_v=None):
-        b, s, c = x.shape
-        q, k, v = self.qkv(x).split(c, dim=2)
+        b, s, _ = x.shape
+        c = self.n_head * self.head_dim
+        if hasattr(self, "qkv"):
+            q, k, v = self.qkv(x).split(c, dim=2)
+        else:  # unfused for head pruning (see unfuse_qkv)
+            q, k, v = self.q(x), self.k(x), self.v(x)
         q = q.view(b, s, self.n_head, self.head_dim).transpose(1, 2)
         k = k.view(b, s, self.n_head, self.head_dim).transpose(1, 2)
         v = v.view(b, s, self.n_head, self.head_dim).transpose(1, 2)
@@ -158,6 +190,31 @@ class CausalSelfAttention(nn.Module):
         return self.drop(self.proj(y)), k, v
 
 
+    def unfuse_qkv(self) -> None:
+        """Replace the fused ``qkv`` Linear by three Linears ``q``, ``k``, ``v`` (same weights, same
+        outputs). torch-pruning's dependency graph couples channel ``i`` of ``q``, ``k``, ``v`` and
+        ``proj``'s input only in this form (through a fused ``qkv`` its index mapping is wrong)."""
+        w, bias = self.qkv.weight.detach(), self.qkv.bias.detach()
+        c = w.shape[0] // 3
+        for j, name in enumerate("qkv"):
+            lin = nn.Linear(w.shape[1], c)
+            with torch.no_grad():
+                lin.weight.copy_(w[j * c:(j + 1) * c])
+                lin.bias.copy_(bias[j * c:(j + 1) * c])
+            setattr(self, name, lin)
+        del self.qkv
+
+    def fuse_qkv(self) -> None:
+        """Undo :meth:`unfuse_qkv` (after pruning): one ``qkv`` Linear again, ``n_head`` read from its width."""
+        q, k, v = self.q, self.k, self.v
+        self.qkv = nn.Linear(q.in_features, 3 * q.out_features)
+        with torch.no_grad():
+            self.qkv.weight.copy_(torch.cat([q.weight, k.weight, v.weight]))
+            self.qkv.bias.copy_(torch.cat([q.bias, k.bias, v.bias]))
+        del self.q, self.k, self.v
+        self.n_head = q.out_features // self.head_dim
+
+
 class Block(nn.Module):
     """Pre-LayerNorm transformer block: ``x + Attn(LN(x))``, then ``x + MLP(LN(x))`` (GELU)."""
 
@@ -166,8 +223,8 @@ class Block(nn.Module):
         self.ln1 = nn.LayerNorm(cfg.d_model)
         self.attn = CausalSelfAttention(cfg)
         self.ln2 = nn.LayerNorm(cfg.d_model)
-        self.fc = nn.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model)
-        self.out = nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model)
+        self.fc = nn.Linear(cfg.d_model, cfg.mlp_dim)
+        self.out = nn.Linear(cfg.mlp_dim, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, past_k=None, past_v=None):
@@ -216,6 +273,8 @@ class GPT(nn.Module):
 
     def forward(self, input_ids, *past):
         b, s = input_ids.shape
+        if past and not torch.compiler.is_exporting() and past[0].shape[2] == 0:
+            past = ()  # an empty cache, whatever its head layout (a pruned model has fewer heads)
         p = past[0].shape[2] if past else 0
         pos = torch.arange(s, device=input_ids.device) + p
         x = self.drop(self.tok_emb(input_ids) + self.pos_emb(pos))
@@ -630,16 +689,29 @@ def _build(default: GPTConfig):
     return build
 
 
-def _plan(default_plan: list) -> list:
+#: fine-tune steps after pruning the GPT in the report plan (about 0.3 s a step on 2 cores)
+PRUNE_FINETUNE_STEPS = 300
+
+
+def _plan(default_plan: list, pruned: bool = True) -> list:
     """The decoder's report rows: FP32 torch (baseline), FP32 ONNX (prefill + decode graphs with the KV
-    cache), INT8 dynamic, INT4 weight-only with block sizes 32 and 128."""
+    cache), INT8 dynamic, INT4 weight-only with block sizes 32 and 128; with ``pruned``, half the
+    attention heads and MLP width removed (:func:`pruning_support`) and fine-tuned
+    :data:`PRUNE_FINETUNE_STEPS` steps, carried on to ONNX with the KV cache and INT4."""
     from ..exporters import kv  # registers the ("export", "onnx-kv") stage
 
     del kv
-    return [("fp32-onnx", "export", "onnx-kv", {}, "fp32-torch"),
+    rows = [("fp32-onnx", "export", "onnx-kv", {}, "fp32-torch"),
             ("int8-dynamic", "quantize", "int8-dynamic", {}, "fp32-onnx"),
             ("int4-b32", "quantize", "int4-weight-only", {"block_size": 32}, "fp32-onnx"),
             ("int4-b128", "quantize", "int4-weight-only", {"block_size": 128}, "fp32-onnx")]
+    if pruned:
+        p = "pruned-structured-50"
+        rows += [(p, "prune", "structured", {"sparsity": 0.5, "importance": "l2",
+                                             "finetune_steps": PRUNE_FINETUNE_STEPS}, "fp32-torch"),
+                 (f"{p}-onnx", "export", "onnx-kv", {}, p),
+                 (f"{p}-int4-b32", "quantize", "int4-weight-only", {"block_size": 32}, f"{p}-onnx")]
+    return rows
 
 
 def _spec(name: str, cfg: GPTConfig, recipe_fn, train_fn, desc: str, draft: bool) -> ModelSpec:
@@ -650,7 +722,8 @@ def _spec(name: str, cfg: GPTConfig, recipe_fn, train_fn, desc: str, draft: bool
         name=name, task="language-modeling", build=_build(cfg), inputs=input_specs(cfg),
         output_names=output_names(cfg), metric=PERPLEXITY, data=lambda: dataset(cfg), recipe=recipe_fn(),
         train=train_fn, evaluate=lambda session: perplexity(session, cfg),
-        baselines=lambda ds: [bigram_baseline()], description=desc, plan=_plan,
+        baselines=lambda ds: [bigram_baseline()], description=desc,
+        plan=(lambda default: _plan(default, pruned=False)) if draft else _plan,
         measure=None if draft else measure,
         extra={"config": cfg.to_dict(), "draft": None if draft else "gpt-draft"},
     )
@@ -689,6 +762,68 @@ def load_trained(name: str = "gpt") -> tuple[GPT, GPTConfig]:
     return model, config_of(spec)
 
 
+# ---- structured pruning: attention heads and MLP width ----------------------------------------------
+
+def pruned_arch(model: GPT) -> dict:
+    """The architecture of a (possibly pruned) GPT in :class:`GPTConfig` keys: ``n_head``,
+    ``head_size``, ``d_mlp``.
+
+    Raises:
+        StageError: the blocks differ in heads or MLP width (``build(arch)`` needs one size for all).
+    """
+    from ..errors import StageError
+
+    heads = {b.attn.n_head for b in model.blocks}
+    mlp = {b.fc.out_features for b in model.blocks}
+    if len(heads) > 1 or len(mlp) > 1:
+        raise StageError(f"the pruned GPT's blocks differ (heads {sorted(heads)}, MLP widths {sorted(mlp)}); "
+                         "prune with the same ratio in every block (local pruning)")
+    return {"n_head": heads.pop(), "head_size": model.blocks[0].attn.head_dim, "d_mlp": mlp.pop()}
+
+
+def pruning_support():
+    """How :mod:`deepship.pipeline.prune` prunes a :class:`GPT` (an ``ArchSupport``).
+
+    Whole attention heads go (torch-pruning ``MetaPruner(num_heads=..., prune_num_heads=True,
+    prune_head_dims=False, head_pruning_ratio=sparsity)``, heads ranked by the group magnitude of
+    their q/k/v rows and ``proj`` columns) and MLP hidden units go at the same ratio; the residual width
+    stays (the tied embedding is ignored, so the residual group is never pruned). The fused ``qkv``
+    is split for tracing and fused again afterwards (:meth:`CausalSelfAttention.unfuse_qkv`), so the
+    pruned model keeps the exported graphs' layout with ``n_head`` fewer heads in its KV cache.
+    """
+    from ..pipeline.prune import ArchSupport
+
+    def prepare(m: GPT) -> None:
+        for b in m.blocks:
+            b.attn.unfuse_qkv()
+
+    def finish(m: GPT) -> None:
+        for b in m.blocks:
+            b.attn.fuse_qkv()
+        m.cfg = GPTConfig.from_dict({**m.cfg.to_dict(), **pruned_arch(m)})
+
+    def kwargs(m: GPT, sparsity: float) -> dict:
+        heads = {lin: b.attn.n_head for b in m.blocks for lin in (b.attn.q, b.attn.k, b.attn.v)}
+        return {"num_heads": heads, "prune_num_heads": True, "prune_head_dims": False,
+                "head_pruning_ratio": float(sparsity), "ignored_layers": [m.tok_emb, m.pos_emb],
+                "output_transform": lambda out: out[0]}  # the KV presents are not outputs to keep
+
+    return ArchSupport(arch_of=pruned_arch, pruner_kwargs=kwargs, prepare=prepare, finish=finish)
+
+
+def variant_config(ctx: Any, variant: Any) -> GPTConfig:
+    """The :class:`GPTConfig` of a built variant: the spec's, with the architecture a prune stage
+    recorded on the variant or one of its ancestors (``info["arch"]``) applied."""
+    cfg = config_of(ctx.spec)
+    v = variant
+    while v is not None:
+        arch = (v.info or {}).get("arch")
+        if arch:
+            return GPTConfig.from_dict({**cfg.to_dict(), **arch})
+        v = ctx._variants.get(v.parent) if v.parent else None
+    return cfg
+
+
 # ---- variants, runners and the report's extra measures ---------------------------------------------
 
 #: short names accepted for the decoder's variants (``optimize generate --variant``)
@@ -724,7 +859,7 @@ def variant_runner(ctx: Any, variant: Any, session: Any = None, threads: int | N
     from ..runtimes.generate import make_runner
     from ..runtimes.session import OrtSession
 
-    cfg = config_of(ctx.spec)
+    cfg = variant_config(ctx, variant)
     session = session or ctx.session(variant, threads=threads)
     prefill = None
     if variant.format == "onnx" and variant.dir and (Path(variant.dir) / "prefill.onnx").is_file():

@@ -273,6 +273,11 @@ def check_distillable(ctx: ModelContext) -> None:
         StageError: no labeled training data, a task without a distillation loss, or more than one input.
     """
     spec = ctx.spec
+    student = (spec.extra or {}).get("draft")
+    if spec.task == "language-modeling" and student:
+        raise StageError(f"'{spec.name}' is distilled by its own recipe, not by this stage: its student is the zoo "
+                         f"model '{student}' (token-level KD on the training text and on the "
+                         f"target's own continuations); run: optimize train {student}, optimize report {student}")
     if spec.task not in DISTILL_LOSSES:
         raise StageError(f"no distillation loss for task '{spec.task}' of '{spec.name}'; tasks with one: "
                          f"{', '.join(DISTILL_LOSSES)}")

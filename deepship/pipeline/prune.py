@@ -27,12 +27,13 @@ A pruned torch variant keeps its new architecture in ``Variant.info["arch"]`` wh
 otherwise it is saved as a ``torch.export`` program (``model.pt2``). Either way it flows on through
 export -> quantize -> engine -> report like any torch variant.
 
-Extension point (decoders, e.g. the GPT of ``deepship/models/gpt.py``): call
-:func:`register_architecture` for the module class with ``arch_of`` (architecture of a pruned
-instance, in the keys its spec's ``build(arch)`` takes), ``pruner_kwargs`` (extra ``MetaPruner``
-arguments: ``num_heads={attn_module: n_heads}``, ``prune_num_heads=True``, ``head_pruning_ratio``,
-``ignored_layers`` such as tied embeddings) and ``width_keys`` (keys scaled when a distillation
-student is derived). Nothing here imports the GPT.
+Extension point (attention models): call :func:`register_architecture` for the module class with
+``arch_of`` (architecture of a pruned instance, in the keys its spec's ``build(arch)`` takes),
+``pruner_kwargs`` (extra ``MetaPruner`` arguments: ``num_heads={q/k/v Linear: n_heads}``,
+``prune_num_heads=True``, ``head_pruning_ratio``, ``ignored_layers`` such as tied embeddings,
+``output_transform``), ``prepare``/``finish`` hooks around the pruning and ``width_keys`` (keys
+scaled when a distillation student is derived). The zoo's GPT decoder registers this way
+(:func:`deepship.models.gpt.pruning_support`: whole heads and MLP width).
 """
 from __future__ import annotations
 
@@ -75,14 +76,19 @@ class ArchSupport:
             lists of ints).
         layers_key: arch key that holds the depth: an int (number of layers) or a list (one entry
             per hidden layer, truncated); ``None`` when the depth is fixed.
-        pruner_kwargs: ``module -> dict`` of extra ``torch_pruning.pruner.MetaPruner`` arguments
-            (``num_heads``, ``prune_num_heads``, ``head_pruning_ratio``, ``ignored_layers``, ...).
+        pruner_kwargs: ``(module, sparsity) -> dict`` of extra ``torch_pruning.pruner.MetaPruner``
+            arguments (``num_heads``, ``prune_num_heads``, ``head_pruning_ratio``, ``ignored_layers``,
+            ``output_transform``, ...); called after ``prepare``.
+        prepare: ``module -> None`` run before tracing (e.g. split a fused QKV projection).
+        finish: ``module -> None`` run after pruning (e.g. fuse it again, update head counts).
     """
 
     arch_of: Callable[[nn.Module], dict]
     width_keys: tuple[str, ...] = ()
     layers_key: str | None = None
-    pruner_kwargs: Callable[[nn.Module], dict] = field(default=lambda m: {})
+    pruner_kwargs: Callable[[nn.Module, float], dict] = field(default=lambda m, s: {})
+    prepare: Callable[[nn.Module], None] | None = None
+    finish: Callable[[nn.Module], None] | None = None
 
 
 ARCHS: dict[type, ArchSupport] = {}
@@ -94,7 +100,10 @@ def register_architecture(cls: type, support: ArchSupport) -> None:
 
 
 def _register_zoo() -> None:
+    from ..models import gpt
     from ..models.zoo import MLP, LeNet, RNNForecaster
+
+    register_architecture(gpt.GPT, gpt.pruning_support())
 
     register_architecture(MLP, ArchSupport(
         arch_of=lambda m: {"hidden": [l.out_features for l in m.net if isinstance(l, nn.Linear)][:-1]},
@@ -338,21 +347,25 @@ def structured_prune(module: nn.Module, example_args: tuple, sparsity: float, im
     before = count_parameters(module)
     widths0 = _widths(module)
     custom = _customized_pruners()
+    support = arch_support(module)
+    if support and support.prepare:
+        support.prepare(module)
+    extra = dict(support.pruner_kwargs(module, sparsity)) if support else {}
     try:
         dg = tp.DependencyGraph().build_dependency(module, example_inputs=example_args, customized_pruners=custom,
-                                                   verbose=False)
+                                                   output_transform=extra.get("output_transform"), verbose=False)
     except Exception as e:
         raise StageError(f"torch-pruning cannot trace {type(module).__name__}: {type(e).__name__}: "
                          f"{str(e).splitlines()[0][:160] if str(e) else ''}; use unstructured pruning") from None
     outs = output_layers(dg)
-    support = arch_support(module)
-    extra = dict(support.pruner_kwargs(module)) if support else {}
     ignored = list(outs) + list(extra.pop("ignored_layers", []))
     pruner = tp.pruner.MetaPruner(
         module, example_args, importance=_importance(IMPORTANCE_CRITERIA[importance]), pruning_ratio=float(sparsity),
         ignored_layers=ignored, round_to=round_to, customized_pruners=custom,
         root_module_types=[nn.modules.conv._ConvNd, nn.Linear, *RNN_TYPES], **extra)
     pruner.step()
+    if support and support.finish:
+        support.finish(module)
     after = count_parameters(module)
     if after >= before:
         if len(outs) >= sum(1 for m in module.modules() if isinstance(m, PRUNABLE_TYPES)):
@@ -458,6 +471,14 @@ def finetune(ctx: ModelContext, module: nn.Module, steps: int, lr_factor: float 
     if steps <= 0:
         return {"skipped": "finetune_steps=0"}
     ds = ctx.dataset()
+    if spec.train is not None and spec.recipe is not None and "steps" in spec.recipe:
+        # a step-based recipe (the GPT's train_gpt samples its own windows from the training text)
+        r = spec.recipe
+        recipe = {**r, "steps": int(steps), "lr": float(r["lr"]) * lr_factor,
+                  "warmup": min(int(r.get("warmup", 0)), max(1, steps // 10))}
+        stats = spec.train(module, ds, recipe)
+        module.eval()
+        return {"steps": int(steps), "lr": recipe["lr"], **stats}
     if spec.train is None or spec.recipe is None or ds is None or ds.train.targets is None:
         return {"skipped": "the model has no training recipe or labeled training data"}
     bs = int(spec.recipe.get("batch_size", 32))
@@ -628,12 +649,21 @@ def variant_name(method: str, sparsity: float) -> str:
     return f"pruned-{method}-{int(round(sparsity * 100))}"
 
 
-def chain_entries(name: str, quantize: Sequence[str] = ()) -> list[tuple[str, str, str, dict, str]]:
-    """Plan entries that carry the torch variant ``name`` on: ``NAME-onnx`` (export, parity-checked)
-    and ``NAME-<method>`` for each quantize method (on the ONNX model; ``bf16`` on the torch one)."""
+def export_method(spec: Any) -> str:
+    """The export method a model's own report plan uses for its FP32 ONNX variant (``onnx``, or
+    ``onnx-kv`` for the GPT decoder's prefill + decode graphs)."""
+    plan = spec.plan([]) if spec.plan is not None else []
+    return next((e[2] for e in plan if e[1] == "export" and e[4] == "fp32-torch"), "onnx")
+
+
+def chain_entries(name: str, quantize: Sequence[str] = (), export_method: str = "onnx"
+                  ) -> list[tuple[str, str, str, dict, str]]:
+    """Plan entries that carry the torch variant ``name`` on: ``NAME-onnx`` (export with
+    ``export_method``, parity-checked) and ``NAME-<method>`` for each quantize method (on the ONNX
+    model; ``bf16`` on the torch one)."""
     from ..api import QUANT_DEFAULT_PARAMS
 
-    out = [(f"{name}-onnx", "export", "onnx", {}, name)]
+    out = [(f"{name}-onnx", "export", export_method, {}, name)]
     for m in quantize:
         parent = name if m == "bf16" else f"{name}-onnx"
         out.append((f"{name}-{m}", "quantize", m, dict(QUANT_DEFAULT_PARAMS.get(m, {})), parent))
@@ -768,7 +798,8 @@ def sweep(ctx: ModelContext, sparsities: Sequence[float], method: str = "structu
             name = variant_name(method, s) if base_named else f"{parent.name}-{variant_name(method, s)}"
             tv = ctx.build(name, "prune", method,
                            {"sparsity": s, "importance": importance, "finetune_steps": int(finetune_steps)}, parent)
-        ov = ctx.build("fp32-onnx" if tv.stage == "baseline" else f"{tv.name}-onnx", "export", "onnx", {}, tv)
+        ov = ctx.build("fp32-onnx" if tv.stage == "baseline" else f"{tv.name}-onnx", "export", export_method(ctx.spec),
+                       {}, tv)
         chain = [("torch", tv), ("onnx", ov)]
         if quantize:
             from ..api import QUANT_DEFAULT_PARAMS

@@ -188,7 +188,7 @@ class OrtSession(Session):
         for n in self.input_names:
             if n not in feeds:
                 raise InputSpecError(f"missing input '{n}'; the model takes {', '.join(self.input_names)}")
-        f = {n: np.ascontiguousarray(feeds[n]) for n in self.input_names}
+        f = {n: self._fit_empty(n, np.ascontiguousarray(feeds[n])) for n in self.input_names}
         try:
             outs = self.sess.run(self.output_names, f)
         except Exception as e:
@@ -196,6 +196,15 @@ class OrtSession(Session):
             want = ", ".join(f"{n}{self._in_shapes[n]}:{self._in_types[n]}" for n in self.input_names)
             raise InputSpecError(f"ONNX Runtime rejected inputs {shapes}; the model expects {want}") from None
         return dict(zip(self.output_names, outs))
+
+    def _fit_empty(self, name: str, a: np.ndarray) -> np.ndarray:
+        """An empty state input (zero elements, e.g. a zero-length KV cache) takes the graph's static
+        dims: a pruned decoder has fewer heads than the empty past its model's data was made for."""
+        shape = self._in_shapes.get(name)
+        if a.size or not shape or len(shape) != a.ndim:
+            return a
+        want = tuple(d if isinstance(d, int) else n for d, n in zip(shape, a.shape))
+        return a if want == a.shape else np.zeros(want, a.dtype)
 
 
 def open_session(variant: Any, threads: int | None = None) -> Session:
