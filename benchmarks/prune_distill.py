@@ -7,6 +7,9 @@
    epochs, over several seeds, for the MLP and the CNN teachers (bar: within 1 point of the teacher
    and better than the no-teacher student).
 3. Sunspots LSTM: structured-pruned and distilled variants, MAE within 5% (relative) of the original.
+4. GPT decoder: half the attention heads and half the MLP width removed (torch-pruning), fine-tuned,
+   exported with the KV cache and quantized to INT4: held-out perplexity, parameters, size, decode
+   tokens/s at batch 1 and 8 (no bar in the issue; the numbers say what pruning buys a decoder).
 
 Latency: ONNX Runtime CPU, interleaved rounds of :func:`deepship.runtimes.benchmark.measure`
 (median of the rounds' p50), at 1 and 2 intra-op threads. Numbers depend on the machine and on
@@ -14,7 +17,7 @@ what else runs on it; the JSON records the machine.
 
 Run::
 
-    DEEPSHIP_CACHE=/tmp/bench-cache .venv/bin/python benchmarks/prune_distill.py [--quick]
+    DEEPSHIP_CACHE=/tmp/bench-cache .venv/bin/python benchmarks/prune_distill.py [--quick] [--only gpt]
 
 Writes ``benchmarks/results/prune_distill.json`` and prints a table.
 """
@@ -139,21 +142,90 @@ def bar_lstm(quick: bool) -> dict:
     return out
 
 
+def decode_tok_s(ctx, variants, batch: int, rounds: int, new_tokens: int = 64) -> dict[str, float]:
+    """Median over ``rounds`` interleaved rounds of each decoder variant's greedy decode tokens/s
+    (``batch`` held-out 64-token prompts, ``new_tokens`` new tokens each, prefill excluded, 1 thread)."""
+    from deepship.models import gpt
+    from deepship.runtimes.generate import generate
+
+    runners = {v.name: gpt.variant_runner(ctx, v, threads=1) for v in variants}
+    prompts = gpt.heldout_prompts(8, gpt.REPORT_PROMPT_TOKENS)[:batch]
+    per: dict[str, list[float]] = {n: [] for n in runners}
+    for _ in range(rounds):
+        for n, r in runners.items():
+            res = generate(r, prompts, new_tokens)
+            per[n].append(batch * (int(res.lengths.min()) - 1) / (res.decode_ms / 1e3))
+    return {n: statistics.median(v) for n, v in per.items()}
+
+
+def bar_gpt(quick: bool) -> dict:
+    from deepship.models import gpt
+
+    ctx = api.load("gpt")
+    fp32 = gpt.build_variant(ctx, "fp32-onnx")
+    int4 = gpt.build_variant(ctx, "int4-b32")
+    steps = [300] if quick else [300, 1000]
+    chains = []
+    for n in steps:
+        name = "pruned-structured-50" if n == gpt.PRUNE_FINETUNE_STEPS else f"pruned-structured-50-ft{n}"
+        pv = ctx.build(name, "prune", "structured", {"sparsity": 0.5, "importance": "l2", "finetune_steps": n},
+                       ctx.baseline())  # the report plan's parameters at 300 steps: the same cached variant
+        chains.append((n, pv, *api.carry_on(ctx, pv, ["int4-weight-only"])))
+    onnx_variants = [fp32, int4] + [v for c in chains for v in c[2:]]
+    ppl = {v.name: metric(ctx, v) for v in [ctx.baseline()] + onnx_variants}
+    rounds = 3 if quick else 5
+    tps = {b: decode_tok_s(ctx, onnx_variants, b, rounds) for b in (1, 8)}
+    base = ppl["fp32-torch"]
+    out = {"model": "gpt", "baseline_perplexity": base, "bigram_perplexity": gpt.bigram_baseline()["value"],
+           "variants": []}
+    for v in onnx_variants:
+        tv = next((c[1] for c in chains if v in c[2:]), None)
+        out["variants"].append({
+            "variant": v.name, "finetune_steps": tv.info["finetune"]["steps"] if tv else None,
+            "arch": gpt.variant_config(ctx, v).to_dict(), "parameters": (tv or ctx.baseline()).info.get("parameters"),
+            "size_bytes": v.size_bytes(), "perplexity": ppl[v.name], "perplexity_change": ppl[v.name] - base,
+            "decode_tok_s": {f"b{b}": round(tps[b][v.name], 1) for b in tps},
+            "decode_speedup_vs_fp32_onnx": {f"b{b}": round(tps[b][v.name] / tps[b][fp32.name], 2) for b in tps}})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="one seed, one sparsity, fewer rounds")
+    ap.add_argument("--only", choices=["cnn", "distill", "lstm", "gpt"], action="append",
+                    help="run only these parts; the others keep their numbers from the last full run")
     args = ap.parse_args()
     t0 = time.perf_counter()
-    res = {"benchmark": "prune_distill", "machine": machine_info(),
-           "note": "shared 2-core machine: other jobs ran at the same time; latencies are medians of interleaved rounds",
-           "quick": args.quick}
-    for key, label, fn in (("cnn_prune_int8", "CNN: structured prune + INT8", bar_cnn_prune),
-                           ("distill", "distillation: KD vs no-teacher students", bar_distill),
-                           ("lstm", "LSTM: pruned / distilled MAE", bar_lstm)):
+    import json
+
+    parts = (("cnn_prune_int8", "cnn", "CNN: structured prune + INT8", bar_cnn_prune),
+             ("distill", "distill", "distillation: KD vs no-teacher students", bar_distill),
+             ("lstm", "lstm", "LSTM: pruned / distilled MAE", bar_lstm),
+             ("gpt", "gpt", "GPT: pruned heads and MLP width", bar_gpt))
+    res = json.loads(RESULTS.read_text()) if args.only and RESULTS.is_file() else {}
+    res.update({"benchmark": "prune_distill", "machine": machine_info(),
+                "note": "shared 2-core machine: other jobs ran at the same time; latencies are medians of interleaved rounds",
+                "quick": args.quick})
+    for key, short, label, fn in parts:
+        if args.only and short not in args.only:
+            continue
         print(f"{label} ...", flush=True)
         res[key] = fn(args.quick)
+        res[key]["measured"] = time.strftime("%Y-%m-%d")
         res["elapsed_s"] = round(time.perf_counter() - t0, 1)
         write_json_atomic(RESULTS, res)  # after each part, so a later failure keeps the earlier numbers
+    if "gpt" in res:
+        g = res["gpt"]
+        print(f"\n== 4. GPT pruned (perplexity; decode tokens/s, ONNX Runtime, 1 thread) ==\nFP32 torch "
+              f"{g['baseline_perplexity']:.2f}, bigram {g['bigram_perplexity']:.2f}")
+        for e in g["variants"]:
+            print(f"{e['variant']:40s} {e['parameters'] or 0:9,d} params {e['size_bytes']:9,d} B  ppl {e['perplexity']:7.2f} "
+                  f"({e['perplexity_change']:+.2f})  tok/s b1 {e['decode_tok_s']['b1']:7.1f} "
+                  f"({e['decode_speedup_vs_fp32_onnx']['b1']:.2f}x)  b8 {e['decode_tok_s']['b8']:7.1f} "
+                  f"({e['decode_speedup_vs_fp32_onnx']['b8']:.2f}x)")
+    if args.only and not {"cnn", "distill", "lstm"} <= set(args.only):
+        print(f"\nwrote {RESULTS} in {res['elapsed_s']:.0f} s")
+        return
     cnn, dist, lstm = res["cnn_prune_int8"], res["distill"], res["lstm"]
     print("\n== 1. CNN structured prune + INT8 (batch-32 p50, ONNX Runtime CPU) ==")
     print(f"{'variant':36s} {'params':>8s} {'size B':>8s} {'acc %':>6s} {'drop':>6s} "
