@@ -8,6 +8,9 @@
 | ``gru`` | 1-layer GRU forecaster | sunspots | MAE (lower is better), ARIMA reference |
 | ``gpt``, ``gpt-draft`` | GPT decoder with KV cache, and its distilled draft | tiny-shakespeare | perplexity |
 | ``asr`` | streaming Conformer + LSTM + CTC | espeak-ng speech + noise | CER (lower is better) |
+| ``bert`` | pretrained all-MiniLM-L6-v2 sentence encoder (Hugging Face) | held-out sentences | cosine to FP32, recall@1 |
+| ``mamba`` | selective state-space LM (Mamba) | tiny-shakespeare | perplexity |
+| ``gan``, ``ddpm``, ``flow`` | class-conditional DCGAN, DDPM UNet denoiser, flow matching | digits 8x8 | Frechet distance on the CNN's features |
 """
 from __future__ import annotations
 
@@ -144,6 +147,18 @@ def _asr_spec() -> ModelSpec:
     return asr.asr_spec()
 
 
+def _lazy(module: str, factory: str) -> Callable[[], ModelSpec]:
+    """A zoo entry whose module (and its heavier imports) loads on first use:
+    ``deepship.models.<module>.<factory>()``."""
+
+    def load() -> ModelSpec:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__package__}.{module}"), factory)()
+
+    return load
+
+
 ZOO: dict[str, Callable[[], ModelSpec]] = {
     "mlp": lambda: _digits_spec(
         "mlp", False, _mlp_build,
@@ -158,6 +173,11 @@ ZOO: dict[str, Callable[[], ModelSpec]] = {
     "gpt": lambda: _gpt_spec("gpt"),
     "gpt-draft": lambda: _gpt_spec("gpt-draft"),
     "asr": lambda: _asr_spec(),
+    "bert": _lazy("hf", "minilm_spec"),          # deepship/models/hf.py: all-MiniLM-L6-v2 via transformers/optimum
+    "mamba": _lazy("mamba", "mamba_spec"),       # deepship/models/mamba.py: selective SSM language model
+    "gan": _lazy("generative", "gan_spec"),      # deepship/models/generative.py: digits generators
+    "ddpm": _lazy("generative", "ddpm_spec"),
+    "flow": _lazy("generative", "flow_spec"),
 }
 
 #: The models ``optimize report`` runs when none are named.
