@@ -89,18 +89,29 @@ def train_cmd(models: List[str] = typer.Argument(None, help="zoo names (default:
         out.print(msg, highlight=False)
 
 
+def _stem(ref: str) -> str:
+    """A file-name stem for a model reference: ``cnn``, ``model`` for ``dir/model.onnx``, the folder
+    name for ``hf:PATH``, the factory name for ``package.module:factory``."""
+    if ref.endswith((".pt2", ".onnx")):
+        return Path(ref).stem
+    if ref.startswith("hf:"):
+        return Path(ref[3:].rstrip("/")).name or "hf-model"
+    return ref.split(":")[-1]
+
+
 @app.command("export")
 @user_errors
 def export_cmd(model: str = typer.Argument(..., help=MODEL_HELP),
                output: Optional[Path] = typer.Option(None, "-o", "--output", help="destination .onnx (default out/MODEL.onnx)"),
-               opset: int = typer.Option(18, help="ONNX default-domain opset"),
+               opset: Optional[int] = typer.Option(None, help="ONNX default-domain opset (default 18; 17 for hf: "
+                                                   "models, the opset ONNX Runtime's transformer fusions match)"),
                inputs: List[str] = typer.Option(None, "--input", help=INPUT_HELP),
                weights: Optional[str] = typer.Option(None, help="safetensors or torch state_dict checkpoint")):
     """Export to ONNX (dynamo exporter) and check parity against PyTorch at a second shape."""
     from . import api
     from .utils import ensure_dir
 
-    dest = output or Path("out") / f"{Path(model).stem if model.endswith(('.pt2', '.onnx')) else model.split(':')[-1]}.onnx"
+    dest = output or Path("out") / f"{_stem(model)}.onnx"
     ensure_dir(dest.parent)
     ctx = _load(model, inputs, weights)
     v = api.export(ctx, opset=opset)
@@ -132,7 +143,7 @@ def quantize_cmd(model: str = typer.Argument(..., help=MODEL_HELP),
 
     params = {"calibration": calibration, "per_channel": per_channel} if method == "int8-static" else \
         {"block_size": block_size} if method == "int4-weight-only" else {}
-    stem = Path(model).stem if model.endswith((".pt2", ".onnx")) else model.split(":")[-1]
+    stem = _stem(model)
     dest = output or Path("out") / (f"{stem}-{method}" + ("" if method == "bf16" else ".onnx"))
     ensure_dir(dest.parent)
     ctx = _load(model, inputs, weights, data)
@@ -173,7 +184,7 @@ def engine_cmd(model: str = typer.Argument(..., help=MODEL_HELP),
     if not ok:
         raise DeepshipError(why)
     rng = parse_shapes(shapes)
-    stem = Path(model).stem if model.endswith((".pt2", ".onnx")) else model.split(":")[-1]
+    stem = _stem(model)
     dest = output or Path("out") / (f"{stem}-{backend}-engine" + ("" if precision == "fp32" else f"-{precision}"))
     ensure_dir(dest.parent)
     ctx = _load(model, inputs, weights)
@@ -327,7 +338,7 @@ def prune_cmd(model: str = typer.Argument(..., help=MODEL_HELP),
     bs = _batch_sizes(batches)
     if quantize:
         get_stage("quantize", quantize)
-    stem = Path(model).stem if model.endswith((".pt2", ".onnx")) else model.split(":")[-1]
+    stem = _stem(model)
     dest = ensure_dir(output or Path("out") / f"{stem}-pruned")
     ctx = _load(model, inputs, weights, data)
     ctx.progress = lambda s: err.print(s, highlight=False)
@@ -388,7 +399,7 @@ def distill_cmd(teacher: str = typer.Argument(..., help=MODEL_HELP),
     bs = _batch_sizes(batches)
     if quantize:
         get_stage("quantize", quantize)
-    stem = Path(teacher).stem if teacher.endswith((".pt2", ".onnx")) else teacher.split(":")[-1]
+    stem = _stem(teacher)
     dest = ensure_dir(output or Path("out") / f"{stem}-distilled")
     ctx = _load(teacher, inputs, weights, data)
     ctx.progress = lambda s: err.print(s, highlight=False)

@@ -5,7 +5,8 @@
 - a zoo name (``mlp``, ``cnn``, ``lstm``, ``gru``);
 - ``package.module:factory`` (with ``inputs`` and optional ``weights``);
 - a ``.pt2`` file from ``torch.export.save``;
-- an ``.onnx`` file.
+- an ``.onnx`` file;
+- ``hf:PATH``: a local Hugging Face model folder (``save_pretrained``), exported through Optimum.
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ def resolve(ref: str, inputs: Sequence[str | TensorSpec] | None = None, weights:
     """Resolve a model reference to a :class:`ModelSpec`.
 
     Raises:
-        UnknownModelError: not a zoo name, ``module:factory``, ``.pt2`` or ``.onnx`` (lists the zoo).
+        UnknownModelError: not a zoo name, ``hf:PATH``, ``module:factory``, ``.pt2`` or ``.onnx`` (lists
+            the zoo), or an ``hf:`` path that is not a Hugging Face model folder.
         WeightsError, InputSpecError, ArtifactError, DataError: from the loaders.
     """
     from . import user
@@ -49,6 +51,10 @@ def resolve(ref: str, inputs: Sequence[str | TensorSpec] | None = None, weights:
                 spec = spec.replace(weights_path=weights, extra={**spec.extra, "user_weights": True})
             return user.attach_data(spec, data, metric, evaluate) if (data or evaluate) else spec
         spec = ZOO[ref]()
+    elif ref.startswith("hf:"):
+        from .hf import resolve_hf
+
+        spec = resolve_hf(ref)
     elif ref.endswith(".onnx"):
         spec = user.onnx_spec(ref)
     elif ref.endswith(".pt2"):
@@ -57,7 +63,7 @@ def resolve(ref: str, inputs: Sequence[str | TensorSpec] | None = None, weights:
         spec = user.factory_spec(ref, inputs or [], weights, output_names)
     else:
         raise UnknownModelError(f"unknown model '{ref}'; use a zoo name ({', '.join(ZOO)}), "
-                                "package.module:factory, a .pt2 or an .onnx file")
+                                "hf:PATH (a Hugging Face model folder), package.module:factory, a .pt2 or an .onnx file")
     if data or metric or evaluate:
         spec = user.attach_data(spec, data, metric, evaluate)
     return spec

@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import io
+import os
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -110,6 +111,40 @@ def _save(model, out: Path) -> None:
     save_onnx(model, out)
 
 
+@contextlib.contextmanager
+def _working_dir(d: Path):
+    prev = os.getcwd()
+    os.chdir(d)
+    try:
+        yield
+    finally:
+        os.chdir(prev)
+
+
+def pre_process(src: Path, dst: Path) -> dict:
+    """ONNX Runtime's ``quant_pre_process`` (symbolic shape inference + ONNX optimizer) of ``src``
+    into ``dst``, run inside ``dst``'s folder (the library writes temporary files, e.g.
+    ``sym_shape_infer_temp.onnx`` and external ``.data`` files, into the working directory).
+
+    Where ORT's symbolic shape inference cannot finish (transformer graphs from Optimum stop with
+    "Incomplete symbolic shape inference"), it is retried with ONNX's own shape inference only.
+
+    Returns:
+        ``{"symbolic_shape_inference": bool}`` plus ``"skipped_because"`` when it was skipped.
+    """
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    src, dst = Path(src).resolve(), Path(dst).resolve()
+    with _working_dir(dst.parent):
+        try:
+            quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
+            return {"symbolic_shape_inference": True}
+        except Exception as e:  # ORT raises plain Exception for incomplete inference
+            reason = (str(e).splitlines() or [type(e).__name__])[0][:160]
+            quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+            return {"symbolic_shape_inference": False, "skipped_because": reason}
+
+
 def int8_dynamic(src: Path, out: Path, per_channel: bool = False) -> dict:
     """INT8 dynamic quantization (weights INT8, activations quantized per call).
 
@@ -118,18 +153,18 @@ def int8_dynamic(src: Path, out: Path, per_channel: bool = False) -> dict:
     """
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     with tempfile.TemporaryDirectory() as td:
         pre = Path(td) / "pre.onnx"
-        quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
+        prep = pre_process(src, pre)
         tmp = Path(td) / "q.onnx"
         quantize_dynamic(str(pre), str(tmp), weight_type=QuantType.QInt8, per_channel=per_channel,
                          op_types_to_quantize=["MatMul", "Gemm", "Conv", "LSTM", "Attention"],
                          extra_options={"MatMulConstBOnly": True})
         qm = onnx.load(str(tmp))
         _save(qm, out)
-    return {"nodes": quantized_nodes(onnx.load(str(src)), qm), "per_channel": per_channel, "library": "onnxruntime.quantization.quantize_dynamic"}
+    return {"nodes": quantized_nodes(onnx.load(str(src)), qm), "per_channel": per_channel, "pre_process": prep,
+            "library": "onnxruntime.quantization.quantize_dynamic"}
 
 
 def int8_static(src: Path, out: Path, calibration: Mapping[str, np.ndarray], method: str = "minmax",
@@ -150,7 +185,6 @@ def int8_static(src: Path, out: Path, calibration: Mapping[str, np.ndarray], met
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if method not in CALIBRATION_METHODS:
         raise StageError(f"unknown calibration method '{method}'; use one of {', '.join(CALIBRATION_METHODS)}")
@@ -163,7 +197,7 @@ def int8_static(src: Path, out: Path, calibration: Mapping[str, np.ndarray], met
         extra = {"num_bins": num_bins, "num_quantized_bins": 128, "symmetric": symmetric_activations}
     with tempfile.TemporaryDirectory() as td:
         pre = Path(td) / "pre.onnx"
-        quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
+        prep = pre_process(src, pre)
         cal = create_calibrator(pre, None, augmented_model_path=str(Path(td) / "aug.onnx"),
                                 calibrate_method=cm, extra_options=extra)
         # ORT's histogram collector stacks per-batch arrays with np.asarray, which fails when an
@@ -184,7 +218,7 @@ def int8_static(src: Path, out: Path, calibration: Mapping[str, np.ndarray], met
         _save(qm, out)
     return {"nodes": quantized_nodes(onnx.load(str(src)), qm), "calibration": method,
             "calibration_samples": int(len(next(iter(calibration.values())))), "per_channel": per_channel,
-            "num_bins": num_bins if method != "minmax" else None, "format": "QDQ",
+            "num_bins": num_bins if method != "minmax" else None, "format": "QDQ", "pre_process": prep,
             "library": "onnxruntime.quantization.quantize_static"}
 
 

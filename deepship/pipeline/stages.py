@@ -300,6 +300,13 @@ def _export(ctx: ModelContext, parent: Variant, params: dict, out: Path):
     from ..exporters.onnx import DEFAULT_OPSET, export_onnx
 
     module = ctx.torch_session(parent).module
+    if ctx.spec.extra.get("exporter") == "optimum":  # Hugging Face folders: Optimum, deepship's exporter as fallback
+        from ..exporters.hf import HF_OPSET, export_hf
+
+        res, how = export_hf(module, ctx.spec, out / "model.onnx", opset=int(params.get("opset", HF_OPSET)),
+                             force_fallback=bool(params.get("fallback", False)))
+        return [f.name for f in res.files], {"opset": res.opset, "parity": res.parity,
+                                             "dynamic_dims": res.dynamic_dims, **how}
     res = export_onnx(module, ctx.spec, out / "model.onnx", opset=int(params.get("opset", DEFAULT_OPSET)))
     return [f.name for f in res.files], {"opset": res.opset, "parity": res.parity, "dynamic_dims": res.dynamic_dims,
                                          "exporter": "torch.onnx.export(dynamo=True)"}
