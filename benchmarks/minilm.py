@@ -177,7 +177,9 @@ def to_md(res: dict, threads) -> str:
              f">= {res['bars']['cosine']} and recall@1 >= {res['bars']['recall_at_1']}): **{res['best']}**; fastest INT8: "
              f"**{res['fastest_int8']}**. Speed bar ({res['bars']['speedup']}x) met: {res['best_meets_speed_bar']}. "
              f"Load average at the end: {', '.join(f'{x:.1f}' for x in res['machine']['load_avg_at_end'])} on "
-             f"{res['machine']['cores']} cores: absolute times are inflated by other jobs; compare ratios.", "",
+             f"{res['machine']['cores']} cores" + (": absolute times are inflated by other jobs; compare ratios."
+                                                    if res['machine']['load_avg_at_end'][0] > res['machine']['cores']
+                                                    else " (a quiet machine)."), "",
              "| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
     for r in res["variants"]:
         if "error" in r:

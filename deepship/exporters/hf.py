@@ -11,27 +11,22 @@ dynamo exporter) exports the torch :class:`~deepship.models.hf.SentenceEncoder` 
 parity against PyTorch is checked at the example shape and a second shape, with padded rows
 (attention mask respected).
 
-:func:`fuse_transformer` runs ``onnxruntime.transformers.optimizer.optimize_model`` (model type
-``bert``): EmbedLayerNormalization, Attention, SkipLayerNormalization and BiasGelu fusions.
-
-:func:`int8_transformer`: INT8 of a (fused) encoder with ONNX Runtime's quantizer, dynamic or
-static QDQ (per-channel weights, calibrated on real sentences), optional SmoothQuant (Xiao et al.
-2023) and nodes kept in FP32 by name pattern (the sensitive layers found by ``benchmarks/minilm.py``).
+The fusions and INT8 recipes for the exported encoders are pipeline stages:
+:mod:`deepship.pipeline.transformers`.
 """
 from __future__ import annotations
 
 import contextlib
 import io
 import logging
-import re
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 
-from ..errors import ExportError, StageError
+from ..errors import ExportError
 from ..models.spec import EXAMPLE_DIM_SIZES, SECOND_DIM_SIZES, ModelSpec
 from .onnx import ExportResult, save_onnx
 
@@ -239,122 +234,3 @@ def export_hf(module: Any, spec: ModelSpec, out_path: str | Path, opset: int = H
     res.parity = parity_padded(module, spec, out_path)
     info.update(exporter="torch.onnx.export(dynamo=True) (deepship fallback)", fallback_reason=reason)
     return res, info
-
-
-# ---- ONNX Runtime transformer fusions -------------------------------------------------------------
-
-def fuse_transformer(src: Path, out: Path, num_heads: int = 0, hidden_size: int = 0, model_type: str = "bert") -> dict:
-    """ORT's transformer optimizer (offline fusions; ``opt_level=0``, so the graph stays portable).
-
-    Returns ``{"fusions": {op: count}, "library": ...}``. Fused ops live in the ``com.microsoft`` domain
-    (ONNX Runtime only).
-    """
-    import onnx
-    from onnxruntime.transformers import optimizer
-
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        lg = logging.getLogger("onnxruntime.transformers")
-        lg.setLevel(logging.ERROR)
-        o = optimizer.optimize_model(str(src), model_type=model_type, num_heads=int(num_heads or 0),
-                                     hidden_size=int(hidden_size or 0), opt_level=0)
-    stats = {k: v for k, v in o.get_fused_operator_statistics().items() if v}
-    m = o.model
-    have = {i.domain for i in m.opset_import}
-    for dom in sorted({n.domain for n in m.graph.node if n.domain and n.domain not in ("ai.onnx",)} - have):
-        m.opset_import.append(onnx.helper.make_opsetid(dom, 1))
-    save_onnx(m, out)
-    return {"fusions": stats, "library": "onnxruntime.transformers.optimizer.optimize_model(model_type='bert')"}
-
-
-# ---- INT8 for transformer encoders ----------------------------------------------------------------
-
-def matching_nodes(model_proto, patterns: Sequence[str], op_types: Sequence[str] = ("MatMul", "Attention", "Gemm")) -> list[str]:
-    """Names of ``op_types`` nodes whose name matches any regex in ``patterns``."""
-    rx = [re.compile(p) for p in patterns]
-    return [n.name for n in model_proto.graph.node if n.op_type in op_types and any(r.search(n.name) for r in rx)]
-
-
-def int8_transformer(src: Path, out: Path, mode: str = "dynamic", calibration: Mapping[str, np.ndarray] | None = None,
-                     exclude: Sequence[str] = (), per_channel: bool = True, reduce_range: bool = False,
-                     smooth_quant: float | None = None, op_types: Sequence[str] = ("MatMul", "Attention")) -> dict:
-    """INT8 of a transformer encoder (fused or not) with ONNX Runtime's quantizer.
-
-    Args:
-        mode: ``dynamic`` (``quantize_dynamic``: INT8 weights, activations quantized per call; fused
-            Attention becomes QAttention) or ``static`` (``quantize_static`` QDQ, calibrated MinMax).
-        calibration: real samples ``{input: (N, seq)}`` for ``static``.
-        exclude: regexes of node names kept in FP32 (the sensitive layers).
-        per_channel: per-output-channel weight scales.
-        reduce_range: 7-bit weights (avoids the u8s8 ``vpmaddubsw`` saturation on CPUs without VNNI).
-        smooth_quant: SmoothQuant alpha (static only; ``extra_options`` SmoothQuant, needs neural-compressor).
-
-    Raises:
-        StageError: unknown mode, or static without calibration samples.
-    """
-    import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
-
-    from ..pipeline.quantize import CalibrationReader, quantized_nodes
-
-    m = onnx.load(str(src))
-    excluded = matching_nodes(m, exclude) if exclude else []
-    extra: dict[str, Any] = {"DefaultTensorType": onnx.TensorProto.FLOAT, "MatMulConstBOnly": True}
-    with tempfile.TemporaryDirectory() as td, contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        tmp = Path(td) / "q.onnx"
-        if mode == "dynamic":
-            quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8, per_channel=per_channel,
-                             reduce_range=reduce_range, op_types_to_quantize=list(op_types),
-                             nodes_to_exclude=excluded, extra_options=extra)
-        elif mode == "static":
-            if calibration is None:
-                raise StageError("int8-transformer static needs calibration samples")
-            if smooth_quant is not None:
-                extra.update(SmoothQuant=True, SmoothQuantAlpha=float(smooth_quant), SmoothQuantFolding=True)
-            quantize_static(str(src), str(tmp), CalibrationReader(calibration, batch_size=32),
-                            quant_format=QuantFormat.QDQ, per_channel=per_channel, reduce_range=reduce_range,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=list(op_types),
-                            nodes_to_exclude=excluded, extra_options=extra)
-        else:
-            raise StageError(f"unknown int8-transformer mode '{mode}'; use dynamic or static")
-        qm = onnx.load(str(tmp))
-        save_onnx(qm, out)
-    return {"nodes": quantized_nodes(m, qm), "mode": mode, "per_channel": per_channel, "reduce_range": reduce_range,
-            "excluded_nodes": excluded, "smooth_quant": smooth_quant,
-            "library": f"onnxruntime.quantization.quantize_{mode}"}
-
-
-# ---- stages ---------------------------------------------------------------------------------------
-
-def register_stages() -> None:
-    """Register ``optimize/ort-transformers`` (onnx -> onnx) and ``quantize/int8-transformer``
-    (onnx -> onnx) with the pipeline (idempotent)."""
-    from ..pipeline import stages as S
-
-    if ("optimize", "ort-transformers") in S._STAGES:
-        return
-
-    @S.register_stage("optimize", "ort-transformers", "onnx", "onnx")
-    def _fuse(ctx, parent, params, out):
-        """ONNX Runtime transformer optimizer fusions (Attention, SkipLayerNormalization, BiasGelu)."""
-        ex = ctx.spec.extra
-        info = fuse_transformer(parent.path, out / "model.onnx", ex.get("num_heads") or 0, ex.get("hidden_size") or 0,
-                                params.get("model_type", "bert"))
-        return ["model.onnx"] + (["model.onnx.data"] if (out / "model.onnx.data").exists() else []), info
-
-    @S.register_stage("quantize", "int8-transformer", "onnx", "onnx", "int8")
-    def _int8(ctx, parent, params, out):
-        """INT8 for transformer encoders: dynamic or static QDQ, sensitive nodes kept FP32."""
-        calib = None
-        desc = None
-        if params.get("mode", "dynamic") == "static":
-            calib, desc = ctx.calibration(int(params.get("samples", S.CALIBRATION_SAMPLES)))
-        info = int8_transformer(parent.path, out / "model.onnx", mode=params.get("mode", "dynamic"), calibration=calib,
-                                exclude=tuple(params.get("exclude", ())), per_channel=bool(params.get("per_channel", True)),
-                                reduce_range=bool(params.get("reduce_range", False)),
-                                smooth_quant=params.get("smooth_quant"))
-        if desc:
-            info["calibration_data"] = desc
-        return ["model.onnx"] + (["model.onnx.data"] if (out / "model.onnx.data").exists() else []), info

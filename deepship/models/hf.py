@@ -390,9 +390,9 @@ BERT_PLAN: list[tuple[str, str, str, dict, str]] = [
 
 
 def _register() -> None:
-    from ..exporters import hf as _hf  # registers the optimize/ort-transformers and int8-transformer stages
+    from ..pipeline import transformers as _tr  # registers the optimize/ort-transformers and int8-transformer stages
 
-    _hf.register_stages()
+    _tr.register_stages()
 
 
 def minilm_spec() -> ModelSpec:
