@@ -289,7 +289,7 @@ def hf_spec(path: str | Path, name: str | None = None, task: str | None = None, 
         return load_encoder(spath, normalize)
 
     spec = ModelSpec(
-        name=name or p.name, task="other", build=build, inputs=inputs,
+        name=name or p.name, task="feature-extraction", build=build, inputs=inputs,
         output_names=["sentence_embedding", "last_hidden_state"], recipe=None, source="hf",
         description=description or f"Hugging Face {cfg['model_type']} encoder {p.name} (mean pooling"
                                    f"{' + L2 norm' if normalize else ''})",

@@ -191,7 +191,9 @@ class ModelSpec:
 
     Attributes:
         name: the zoo name or a name derived from the user's reference.
-        task: ``"classification"``, ``"regression"`` or ``"other"``.
+        task: ``"classification"``, ``"regression"``, ``"language-modeling"``, ``"speech-recognition"``,
+            ``"generation"``, ``"feature-extraction"`` (embeddings) or ``"other"`` (a user model: its
+            2-D outputs are treated as class scores for top-1 agreement).
         build: ``() -> torch.nn.Module`` with untrained weights (``None`` for an ONNX-only model).
         inputs: input specs; dynamic dims are named.
         output_names: names of the ONNX outputs.

@@ -28,12 +28,16 @@ def bench_feeds(ctx, batch: int) -> dict[str, np.ndarray]:
     return ctx.spec.example_inputs({"batch": batch}, seed=3)
 
 
-def drift(out: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+#: tasks whose 2-D outputs are class scores, where top-1 agreement means something (not embeddings)
+ARGMAX_TASKS = ("classification", "other")
+
+
+def drift(out: np.ndarray, ref: np.ndarray, argmax: bool = True) -> dict[str, float]:
     """Output drift against the reference.
 
     Returns:
-        ``max_abs``, ``mean_abs``, ``max_rel`` (max abs error / max |ref|) and, for 2-D outputs with
-        more than one column, ``top1_agreement`` (fraction of rows with the same argmax).
+        ``max_abs``, ``mean_abs``, ``max_rel`` (max abs error / max |ref|) and, with ``argmax`` and
+        2-D outputs with more than one column, ``top1_agreement`` (fraction of rows with the same argmax).
     """
     a, b = np.asarray(out, np.float64), np.asarray(ref, np.float64)
     if a.shape != b.shape:
@@ -41,7 +45,7 @@ def drift(out: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     err = np.abs(a - b)
     d = {"max_abs": float(err.max()) if err.size else 0.0, "mean_abs": float(err.mean()) if err.size else 0.0,
          "max_rel": float(err.max() / max(np.abs(b).max(), 1e-12)) if err.size else 0.0}
-    if a.ndim == 2 and a.shape[1] > 1:
+    if argmax and a.ndim == 2 and a.shape[1] > 1:
         d["top1_agreement"] = float((a.argmax(1) == b.argmax(1)).mean())
     return d
 
@@ -62,4 +66,5 @@ def evaluate(ctx, session, reference: np.ndarray | None) -> dict[str, Any]:
         metric = float(spec.evaluate(session))
     elif spec.metric is not None and spec.metric.fn is not None and targets is not None:
         metric = float(spec.metric.fn(first, targets))
-    return {"metric": metric, "drift": drift(first, reference) if reference is not None else None, "outputs": first}
+    d = drift(first, reference, argmax=spec.task in ARGMAX_TASKS) if reference is not None else None
+    return {"metric": metric, "drift": d, "outputs": first}
