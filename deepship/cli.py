@@ -71,7 +71,7 @@ def models_cmd():
 def train_cmd(models: List[str] = typer.Argument(None, help="zoo names (default: all)"),
               out_dir: Optional[Path] = typer.Option(None, "--out", help="also write NAME.safetensors here "
                                                      "(deepship/models/weights to refresh the committed weights)")):
-    """Run the seeded training recipes (results are cached)."""
+    """Run the seeded training recipes from scratch (--out writes the weights, tagged with the recipe hash)."""
     import json as _json
 
     from .models import resolve
