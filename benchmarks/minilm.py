@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 # (name, stage, method, params, parent); fp32-torch is the baseline
 CANDIDATES = [
+    ("bf16-torch", "quantize", "bf16", {}, "fp32-torch"),  # AMX's fast path; emulated without AMX
     ("fp32-onnx", "export", "onnx", {}, "fp32-torch"),
     ("fp32-fused", "optimize", "ort-transformers", {}, "fp32-onnx"),
     ("int8-dynamic", "quantize", "int8-transformer", {"mode": "dynamic"}, "fp32-onnx"),
@@ -69,7 +70,7 @@ def main() -> None:
 
     from deepship import api
     from deepship.models import hf
-    from deepship.runtimes.session import OrtSession, TorchSession
+    from deepship.runtimes.session import TorchSession
 
     ctx = api.load("bert")
     spec = ctx.spec
@@ -104,7 +105,7 @@ def main() -> None:
         if cached.is_file():
             m = json.loads(cached.read_text())
         else:
-            m = hf.embedding_metrics(hf.embed(OrtSession(v.path, threads=2), spec.extra["path"], texts), ref, n_corpus)
+            m = hf.embedding_metrics(hf.embed(ctx.session(v, threads=2), spec.extra["path"], texts), ref, n_corpus)
             cached.write_text(json.dumps(m))
         rows[name].update(cosine=round(m["cosine"], 5), min_cosine=round(m["min_cosine"], 4),
                           recall_at_1=round(m["recall@1"], 4), eval_s=round(time.perf_counter() - t0, 1))
@@ -116,13 +117,13 @@ def main() -> None:
     module = ctx.module()
     for nt in threads:
         sessions = {"fp32-torch": TorchSession(module, ["input_ids", "attention_mask"], spec.output_names, threads=nt)}
-        sessions.update({n: OrtSession(v.path, threads=nt) for n, v in variants.items()})
+        sessions.update({n: ctx.session(v, threads=nt) for n, v in variants.items()})
         times: dict[str, list[float]] = {n: [] for n in sessions}
         for sess in sessions.values():  # warm-up
             sess.run(feeds)
         for r in range(a.rounds):
             for n, sess in sessions.items():
-                if n == "fp32-torch":
+                if n == "fp32-torch" or variants[n].format == "torch":
                     torch.set_num_threads(nt)
                 for _ in range(a.reps):
                     t0 = time.perf_counter()

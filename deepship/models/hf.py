@@ -373,7 +373,7 @@ def minilm_path() -> Path:
 
 
 #: The report plan for ``bert`` (see docs/bert.md and benchmarks/minilm.py for the sweep behind it):
-#: Optimum FP32 export, ORT transformer fusions, plain dynamic INT8 (unfused and fused: the fastest,
+#: PyTorch BF16, Optimum FP32 export, ORT transformer fusions, plain dynamic INT8 (unfused and fused: the fastest,
 #: below the accuracy bars), and the best INT8 recipe: static QDQ, per-channel weights, MinMax on 256
 #: calibration sentences, with the feed-forward layers (intermediate and output dense) kept in FP32
 #: (mean cosine 0.9992, recall@1 0.954 on this corpus; the fastest recipe meeting both bars here).
@@ -381,6 +381,9 @@ BERT_BEST_INT8 = ("int8-static-keep-ffn", "quantize", "int8-transformer",
                   {"mode": "static", "per_channel": True, "exclude": [r"/layer\.\d+/output/dense", r"/intermediate/dense"]},
                   "fp32-fused")
 BERT_PLAN: list[tuple[str, str, str, dict, str]] = [
+    # PyTorch BF16: the fast path on CPUs with AMX (4.6x FP32 there, see the field notes); emulated and
+    # slow on CPUs without it, which the report then shows
+    ("bf16-torch", "quantize", "bf16", {}, "fp32-torch"),
     ("fp32-onnx", "export", "onnx", {}, "fp32-torch"),
     ("fp32-fused", "optimize", "ort-transformers", {}, "fp32-onnx"),
     ("int8-dynamic", "quantize", "int8-transformer", {"mode": "dynamic"}, "fp32-onnx"),
