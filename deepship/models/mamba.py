@@ -394,12 +394,18 @@ def StepGraph(model: Mamba) -> nn.Module:
     """The module exported as the step graph: ``forward(input_ids, conv_state_0, ssm_state_0, ...)`` =
     ``model.step(...)``. ``torch.export`` needs one named argument per input (a ``*states`` signature
     is one pytree input), so the class is made with exactly ``2 * n_layer`` state arguments."""
-    names = [n.replace(".", "_") for n in state_names(model.cfg)]
-    ns: dict[str, Any] = {}
-    exec(f"def forward(self, input_ids, {', '.join(names)}):\n"  # noqa: S102 (generated from integers only)
-         f"    return self.model.step(input_ids, {', '.join(names)})\n", ns)
-    cls = type(f"MambaStepGraph{model.cfg.n_layer}", (_StepGraph,),
-               {"forward": ns["forward"], "__doc__": StepGraph.__doc__})
+    import inspect
+
+    names = ["input_ids"] + [n.replace(".", "_") for n in state_names(model.cfg)]
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+
+    def forward(self, *args):
+        return self.model.step(*args)
+
+    # the same explicit-signature technique as deepship.pipeline.prune.load_pt2_module
+    forward.__signature__ = inspect.Signature([inspect.Parameter("self", kind)] +
+                                              [inspect.Parameter(n, kind) for n in names])
+    cls = type(f"MambaStepGraph{model.cfg.n_layer}", (_StepGraph,), {"forward": forward, "__doc__": StepGraph.__doc__})
     return cls(model)
 
 
