@@ -26,9 +26,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..errors import ExportError
-from ..models.spec import EXAMPLE_DIM_SIZES, SECOND_DIM_SIZES, ModelSpec
-from .onnx import ExportResult, save_onnx
+from ..models.spec import EXAMPLE_DIM_SIZES, ModelSpec
+from .onnx import ExportResult, parity, save_onnx
 
 log = logging.getLogger("deepship.exporters.hf")
 
@@ -166,36 +165,15 @@ def padded_feeds(spec: ModelSpec, sizes: Mapping[str, int], seed: int = 0) -> di
 
 def parity_padded(reference: Any, spec: ModelSpec, onnx_path: Path, atol: float = 1e-4,
                   rtol: float = 1e-3) -> dict[str, Any]:
-    """ONNX Runtime against the torch ``reference`` at the example shape and a second shape (different
-    batch and seq), with padded rows, on every output (padding positions of ``last_hidden_state`` are
-    compared too). Same dict as :func:`deepship.exporters.onnx.parity`.
+    """:func:`deepship.exporters.onnx.parity` (example shape and a second shape, every output) with
+    padded token rows (:func:`padded_feeds`), so the attention mask is exercised; padding positions
+    of ``last_hidden_state`` are compared too.
 
     Raises:
         ExportError: an output differs beyond ``atol + rtol * max|reference|`` or has another shape.
     """
-    from ..runtimes.session import OrtSession, TorchSession
-
-    ort_s = OrtSession(onnx_path, threads=1)
-    tor_s = TorchSession(reference, [t.name for t in spec.inputs], spec.output_names)
-    out: dict[str, Any] = {}
-    for label, sz in (("example", EXAMPLE_DIM_SIZES), ("second_shape", SECOND_DIM_SIZES)):
-        feeds = padded_feeds(spec, sz, seed=1)
-        a, b = ort_s.run(feeds), tor_s.run(feeds)
-        worst = {"max_abs": 0.0, "max_rel": 0.0}
-        for name in spec.output_names:
-            x, y = np.asarray(a[name], np.float64), np.asarray(b[name], np.float64)
-            if x.shape != y.shape:
-                raise ExportError(f"ONNX output '{name}' has shape {x.shape}, PyTorch {y.shape} at "
-                                  f"{ {k: v.shape for k, v in feeds.items()} }; a dim was fixed during export")
-            err, ref = float(np.abs(x - y).max()), float(np.abs(y).max())
-            if err > atol + rtol * ref:
-                raise ExportError(f"parity failed for output '{name}' at input shapes "
-                                  f"{ {k: tuple(v.shape) for k, v in feeds.items()} }: max abs error {err:.3g} "
-                                  f"> {atol + rtol * ref:.3g}")
-            worst = {"max_abs": max(worst["max_abs"], err), "max_rel": max(worst["max_rel"], err / ref if ref else err)}
-        out[label] = {"shape": {k: list(v.shape) for k, v in feeds.items()}, **worst, "ok": True}
-    out["ok"] = True
-    return out
+    return parity(reference, spec, onnx_path, atol=atol, rtol=rtol,
+                  feeds_at=lambda sz: padded_feeds(spec, sz or EXAMPLE_DIM_SIZES, seed=1))
 
 
 def export_hf(module: Any, spec: ModelSpec, out_path: str | Path, opset: int = HF_OPSET,

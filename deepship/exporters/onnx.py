@@ -20,7 +20,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -217,8 +217,12 @@ def save_onnx(model_proto, out_path: str | Path) -> list[Path]:
 
 
 def parity(reference: Any, spec: ModelSpec, onnx_path: str | Path, atol: float = 1e-4, rtol: float = 1e-3,
-           sizes: Mapping[str, int] | None = None, seed: int = 1) -> dict[str, Any]:
+           sizes: Mapping[str, int] | None = None, seed: int = 1,
+           feeds_at: Callable[[Mapping[str, int] | None], dict[str, np.ndarray]] | None = None) -> dict[str, Any]:
     """Compare ONNX Runtime against the torch ``reference`` at the example shape and a second shape.
+
+    ``feeds_at(sizes)`` makes the inputs at a shape (``None``: the example shape); default
+    ``spec.example_inputs(sizes, seed=seed)`` (random inputs; e.g. padded token rows for encoders).
 
     Returns:
         ``{"example": {"shape", "max_abs", "max_rel", "ok"}, "second_shape": {...}, "ok": bool}``.
@@ -233,7 +237,7 @@ def parity(reference: Any, spec: ModelSpec, onnx_path: str | Path, atol: float =
     tor_s = TorchSession(reference, [t.name for t in spec.inputs], spec.output_names, threads=None)
     out: dict[str, Any] = {}
     for label, sz in (("example", None), ("second_shape", sizes or SECOND_DIM_SIZES)):
-        feeds = spec.example_inputs(sz, seed=seed)
+        feeds = feeds_at(sz) if feeds_at is not None else spec.example_inputs(sz, seed=seed)
         a = ort_s.run(feeds)
         b = tor_s.run(feeds)
         worst = {"max_abs": 0.0, "max_rel": 0.0}
