@@ -97,8 +97,7 @@ def run_configs(configs: dict, prompts: np.ndarray, repeats: int, once: set = fr
                 res = fn(p)
                 a = acc[label]
                 a["tps"].append(res.tokens_per_s)
-                a["dtps"].append((res.lengths.min() - 1) * res.tokens.shape[0] / (res.decode_ms / 1e3) if res.decode_ms
-                                 else float("nan"))  # the first new token comes with the prefill
+                a["dtps"].append(res.decode_tok_s if res.decode_ms else float("nan"))
                 a["prefill"].append(res.prefill_ms)
                 if r == 0:
                     a["outputs"].append(res.row(0).tolist())

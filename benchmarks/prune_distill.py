@@ -154,7 +154,7 @@ def decode_tok_s(ctx, variants, batch: int, rounds: int, new_tokens: int = 64) -
     for _ in range(rounds):
         for n, r in runners.items():
             res = generate(r, prompts, new_tokens)
-            per[n].append(batch * (int(res.lengths.min()) - 1) / (res.decode_ms / 1e3))
+            per[n].append(res.decode_tok_s)
     return {n: statistics.median(v) for n, v in per.items()}
 
 

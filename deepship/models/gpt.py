@@ -815,13 +815,8 @@ def variant_config(ctx: Any, variant: Any) -> GPTConfig:
     """The :class:`GPTConfig` of a built variant: the spec's, with the architecture a prune stage
     recorded on the variant or one of its ancestors (``info["arch"]``) applied."""
     cfg = config_of(ctx.spec)
-    v = variant
-    while v is not None:
-        arch = (v.info or {}).get("arch")
-        if arch:
-            return GPTConfig.from_dict({**cfg.to_dict(), **arch})
-        v = ctx._variants.get(v.parent) if v.parent else None
-    return cfg
+    arch = next((v.info["arch"] for v in ctx.lineage(variant) if (v.info or {}).get("arch")), None)
+    return GPTConfig.from_dict({**cfg.to_dict(), **arch}) if arch else cfg
 
 
 # ---- variants, runners and the report's extra measures ---------------------------------------------
@@ -903,8 +898,7 @@ def report_measures(ctx: Any, variant: Any, session: Any, new_tokens: int = 64, 
     out["prefill_ms_b1"] = round(_median_time(prefill, 2 * repeats + 1) * 1e3, 3)
     for b in (1, 8):
         runs = [generate(runner, prompts[:b], new_tokens) for _ in range(repeats)]
-        out[f"decode_tok_s_b{b}"] = round(float(np.median([b * (r.lengths.min() - 1) / (r.decode_ms / 1e3)
-                                                             for r in runs])), 1)
+        out[f"decode_tok_s_b{b}"] = round(float(np.median([r.decode_tok_s for r in runs])), 1)
     dctx = ModelContext(draft_spec())
     dv = dctx.baseline() if variant.format == "torch" else build_variant(dctx, "fp32-onnx")
     draft = variant_runner(dctx, dv, threads=getattr(session, "threads", None))

@@ -723,14 +723,6 @@ def zoo_plan(model: str, plan: list) -> list:
     return out
 
 
-def _lineage(ctx: ModelContext, v: Variant) -> list[Variant]:
-    chain, cur = [], v
-    while cur is not None:
-        chain.append(cur)
-        cur = ctx._variants.get(cur.parent) if cur.parent else None
-    return chain
-
-
 def report_notes(ctx: ModelContext, v: Variant, session: Any = None) -> dict:
     """Extra report notes for prune/distill rows and their descendants (the spec's ``measure`` hook).
 
@@ -752,7 +744,7 @@ def report_notes(ctx: ModelContext, v: Variant, session: Any = None) -> dict:
         notes["student"] = i.get("student_arch") or i.get("student")
         notes["params vs teacher"] = f"{i.get('param_ratio', 0):.2f}x"
         notes["loss"] = i.get("loss_name")
-    lineage = _lineage(ctx, v)
+    lineage = ctx.lineage(v)
     un = next((a for a in lineage if a.stage == "prune" and a.method == "unstructured"), None)
     if un is not None and v.dir and v.files:
         gz = gzip_size([Path(v.dir) / f for f in v.files])

@@ -212,6 +212,14 @@ class ModelContext:
             return self.baseline()
         raise StageError(f"model '{self.spec.name}' has no variant '{name}' built yet; build its parent first")
 
+    def lineage(self, v: Variant) -> list[Variant]:
+        """``v``, its parent, its parent's parent, ... as far as this context has built them."""
+        chain, cur = [], v
+        while cur is not None:
+            chain.append(cur)
+            cur = self._variants.get(cur.parent) if cur.parent else None
+        return chain
+
     def build_planned(self, name: str, plan: list) -> Variant:
         """Build the variant ``name`` of a report plan (entries ``(name, stage, method, params, parent)``)
         and, first, its parents; ``fp32-torch`` is the baseline.

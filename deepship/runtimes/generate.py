@@ -401,6 +401,14 @@ class GenerationResult:
         return self.new_tokens / t if t > 0 else float("inf")
 
     @property
+    def decode_tok_s(self) -> float:
+        """Decode-phase tokens/s over all rows, prefill excluded: each row's tokens after its first
+        (the first comes from the prefill), counted up to the shortest row (rows that stopped early
+        idle while the others decode)."""
+        t = self.decode_ms / 1e3
+        return self.tokens.shape[0] * (int(self.lengths.min()) - 1) / t if t > 0 else float("inf")
+
+    @property
     def acceptance_rate(self) -> float | None:
         """Accepted / proposed draft tokens (speculative decoding), else ``None``. Proposals after a
         rejection in the same round count as not accepted, so this falls as ``k`` grows."""
