@@ -228,7 +228,8 @@ def check(report_path: str | Path, baseline_path: str | Path, budgets: str | Pat
 
 
 def generate(model: str = "gpt", prompt: str | Sequence[int] = "", max_new_tokens: int = 64, variant: str = "fp32-onnx",
-             speculative: bool = False, draft: str = "gpt-draft", k: int = 4, greedy: bool = True,
+             speculative: bool = False, draft: str = "gpt-draft", k: int = 4, draft_variant: str | None = None,
+             greedy: bool = True,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
              stop: Sequence[str] = (), threads: int | None = 1) -> dict[str, Any]:
     """Generate text with a zoo decoder (``gpt``), with the KV cache, optionally by speculative decoding.
@@ -239,7 +240,9 @@ def generate(model: str = "gpt", prompt: str | Sequence[int] = "", max_new_token
         max_new_tokens: token limit (>= 1); generation also stops at the context length.
         variant: ``fp32-torch``, ``fp32-onnx``, ``int8-dynamic``, ``int4-b32``, ``int4-b128`` (aliases
             ``torch``, ``fp32``, ``int8``, ``int4``); built and cached on first use.
-        speculative: draft with ``draft`` (its FP32 ONNX variant; torch for a torch target), ``k`` tokens a round.
+        speculative: draft with ``draft``, ``k`` tokens a round.
+        draft_variant: the draft's variant (default :data:`deepship.models.gpt.DRAFT_VARIANT`, INT8
+            dynamic; torch for a torch target).
         greedy: argmax decoding; else sampling with ``temperature``, ``top_k``, ``top_p`` and ``seed``.
         stop: strings that end generation; each must be one token of the tokenizer (e.g. ``"\\n"``).
         threads: intra-op threads; 1 is the fastest for batch-1 decoding of this small model (a second
@@ -283,7 +286,8 @@ def generate(model: str = "gpt", prompt: str | Sequence[int] = "", max_new_token
     runner = G.variant_runner(ctx, v, threads=threads)
     draft_name = None
     if dctx is not None:
-        dv = dctx.baseline() if v.format == "torch" else G.build_variant(dctx, "fp32-onnx")
+        dv = (dctx.baseline() if v.format == "torch" and draft_variant is None
+              else G.build_variant(dctx, draft_variant or G.DRAFT_VARIANT))
         drunner = G.variant_runner(dctx, dv, threads=threads)
         speculative_generate(runner, drunner, ids, min(max_new_tokens, 2 * int(k) + 2), k=k)  # warm-up
         res = speculative_generate(runner, drunner, ids, max_new_tokens, k=k, sampling=sampling, stop_tokens=stop_ids)

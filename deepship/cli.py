@@ -431,6 +431,8 @@ def generate_cmd(model: str = typer.Argument("gpt", help="decoder zoo name (gpt)
                  speculative: bool = typer.Option(False, "--speculative", help="speculative decoding with --draft"),
                  draft: str = typer.Option("gpt-draft", help="draft model for --speculative"),
                  k: int = typer.Option(4, "--k", help="draft tokens proposed per round"),
+                 draft_variant: Optional[str] = typer.Option(None, "--draft-variant",
+                                                             help="the draft's variant (default int8-dynamic)"),
                  sample: bool = typer.Option(False, "--sample", help="sample instead of greedy decoding"),
                  temperature: float = typer.Option(1.0, help="sampling temperature (with --sample)"),
                  top_k: Optional[int] = typer.Option(None, "--top-k", help="top-k filter (with --sample)"),
@@ -443,7 +445,7 @@ def generate_cmd(model: str = typer.Argument("gpt", help="decoder zoo name (gpt)
     from . import api
 
     res = api.generate(model, prompt, max_new_tokens=max_new_tokens, variant=variant, speculative=speculative,
-                       draft=draft, k=k, greedy=not sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                       draft=draft, k=k, draft_variant=draft_variant, greedy=not sample, temperature=temperature, top_k=top_k, top_p=top_p,
                        seed=seed, stop=stop or (), threads=threads)
     if as_json:
         print(json.dumps(res))

@@ -184,6 +184,58 @@ def test_speculative_greedy_equals_target_greedy_tiny_onnx(tiny, exported):
             assert res.proposed > 0 and 0 <= res.accepted <= res.proposed and res.rejected > 0
 
 
+def test_greedy_proposer_equals_k_decode_steps(exported):
+    """The unrolled proposal graph gives the step graph's argmax chain and the cache k steps leave."""
+    import onnx
+
+    from deepship.errors import ExportError
+    from deepship.exporters.kv import greedy_proposer
+
+    dec = OrtSession(exported.decode, threads=1)
+    layout = TINY.layout()
+    rng = np.random.default_rng(3)
+    past = {n: rng.standard_normal((2, layout.n_head, 7, layout.head_dim)).astype(np.float32) for n in layout.past_names}
+    ids = rng.integers(0, 1024, (2, 3))
+    for k in (1, 4):
+        prop = OrtSession(exported.decode, threads=1,
+                          model=greedy_proposer(onnx.load(str(exported.decode), load_external_data=False), k))
+        out = prop.run({"input_ids": ids, **past})
+        feeds, toks = {"input_ids": ids, **past}, []
+        for j in range(k):
+            o = dec.run(feeds)
+            toks.append(o["logits"][:, -1].argmax(-1))
+            if j < k - 1:
+                feeds = {"input_ids": toks[-1][:, None], **{p: o[q] for p, q in zip(layout.past_names, layout.present_names)}}
+        np.testing.assert_array_equal(out["tokens"], np.stack(toks, 1))
+        for q in layout.present_names:
+            assert out[q].shape == (2, layout.n_head, 7 + 3 + k - 1, layout.head_dim)
+            np.testing.assert_allclose(out[q], o[q], atol=1e-6)  # the k-th step's present: ids + x_1..x_{k-1}
+    with pytest.raises(ExportError, match="positive integer"):
+        greedy_proposer(onnx.load(str(exported.decode), load_external_data=False), 0)
+    with pytest.raises(ExportError, match="input_ids"):
+        greedy_proposer(onnx.load(str(exported.prefill), load_external_data=False), 2)
+
+
+def test_speculative_fused_proposals_keep_the_target_greedy_output(tiny, exported):
+    """An ONNX draft (fused proposal graph) for a different torch target: many rejections, and a
+    generation limit that leaves a last round shorter than k (served by the larger graph, cut back)."""
+    dec = OrtSession(exported.decode, threads=1)
+    prompt = np.random.default_rng(4).integers(0, 1024, 9)
+    target = R.make_runner(_torch_session(_tiny(TINY, 7)), TINY.layout())
+    draft = R.make_runner(dec, TINY.layout())
+    step_draft = R.ArrayKVRunner(dec, TINY.layout(), fuse_proposals=False)
+    ref = R.generate(target, prompt, 45).row(0)
+    for k in (1, 3, 6):
+        res = R.speculative_generate(target, draft, prompt, 45, k=k)
+        np.testing.assert_array_equal(res.row(0), ref, err_msg=f"k={k}")
+        assert res.rejected > 0
+        steps = R.speculative_generate(target, step_draft, prompt, 45, k=k)  # same proposals, k calls each
+        assert (steps.proposed, steps.accepted) == (res.proposed, res.accepted)
+    assert draft._proposers.get(3) is not None and draft._proposers.get(6) is not None  # fused graphs were used
+    assert R.make_runner(dec, TINY.layout())._proposers is draft._proposers  # built once per session
+    assert steps.proposed and R.ArrayKVRunner(_torch_session(tiny), TINY.layout())._proposers == {}
+
+
 def test_speculative_greedy_equals_target_greedy_on_real_prompts(trained):
     target, tcfg, draft, dcfg = trained
     t = R.make_runner(_torch_session(target), tcfg.layout())

@@ -34,10 +34,16 @@ draft probability ``q(x)`` and target probability ``p(x)`` is accepted with prob
 exactly as the target's samples (with the same temperature/top-k/top-p processing applied to both
 models). In greedy mode a proposal is accepted iff it is the target's argmax, so the output equals
 the target's greedy output. Caches roll back by a length (the runners truncate).
+
+The draft's ``k`` greedy proposals are one ONNX Runtime call (:meth:`ArrayKVRunner.propose`: its
+decode graph unrolled ``k`` times with an ``ArgMax`` between copies,
+:func:`deepship.exporters.kv.greedy_proposer`); at a 1-layer draft's size the per-call overhead is
+a large part of a step.
 """
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -110,12 +116,41 @@ class KVRunner:
         """Keep the first ``length`` cached tokens (rollback after rejected proposals)."""
         raise NotImplementedError
 
-    def _check(self, ids: np.ndarray) -> None:
+    def propose(self, ids: np.ndarray, k: int, sampling: "Sampling", rng: np.random.Generator
+                ) -> tuple[list[int], list[np.ndarray]]:
+        """The draft's side of a speculative round at batch 1: feed int64 ``(1, seq)`` ``ids``, then
+        choose ``k`` tokens one at a time, each fed back except the last.
+
+        Returns:
+            ``(tokens, qs)``: the ``k`` token ids and, when sampling, the float64 ``(vocab,)``
+            distribution each was drawn from (empty when greedy). The cache then holds ``ids`` and
+            the first ``k - 1`` tokens.
+        """
+        tokens: list[int] = []
+        qs: list[np.ndarray] = []
+        dl = self.forward(ids)[0, -1]
+        for i in range(k):
+            if sampling.greedy:
+                x = int(dl.argmax())
+            else:
+                q = probabilities(dl, sampling)
+                x = int(sample(q[None], rng)[0])
+                qs.append(q)
+            tokens.append(x)
+            if i < k - 1:
+                dl = self.forward(np.asarray([[x]], np.int64))[0, -1]
+        return tokens, qs
+
+    def _check(self, ids: np.ndarray, extra: int = 0) -> None:
         if ids.ndim != 2 or ids.shape[0] != self.batch:
             raise InputSpecError(f"token ids have shape {ids.shape}; expected ({self.batch}, seq) after reset({self.batch})")
-        if self.length + ids.shape[1] > self.layout.context:
-            raise InputSpecError(f"{self.length} cached + {ids.shape[1]} new tokens exceed the context of "
+        if self.length + ids.shape[1] + extra > self.layout.context:
+            raise InputSpecError(f"{self.length} cached + {ids.shape[1] + extra} new tokens exceed the context of "
                                  f"{self.layout.context}; shorten the prompt or lower --max-new-tokens")
+
+
+#: fused greedy proposal sessions per decode session and k (see ArrayKVRunner.propose)
+_PROPOSERS: "weakref.WeakKeyDictionary[Session, dict[int, OrtSession | None]]" = weakref.WeakKeyDictionary()
 
 
 class ArrayKVRunner(KVRunner):
@@ -125,16 +160,22 @@ class ArrayKVRunner(KVRunner):
         session: decode-step session (inputs ``input_ids`` + ``past_key_values.*``).
         layout: its :class:`KVLayout`.
         prefill_session: optional session without past inputs, used while the cache is empty.
+        fuse_proposals: greedy :meth:`propose` runs one unrolled graph instead of ``k`` steps (ONNX
+            Runtime sessions; ``False`` keeps the step loop, for comparison).
     """
 
-    def __init__(self, session: Session, layout: KVLayout, prefill_session: Session | None = None):
+    def __init__(self, session: Session, layout: KVLayout, prefill_session: Session | None = None,
+                 fuse_proposals: bool = True):
         self.session, self.layout, self.prefill_session = session, layout, prefill_session
+        self.fuse_proposals = fuse_proposals
         self.cache: list[np.ndarray] = []
         # ONNX Runtime: call the InferenceSession directly (the checks of OrtSession.run cost ~10% of a
         # decode step of a small model); the feeds are built here with the right names and dtypes
         self._ort = session.sess if isinstance(session, OrtSession) else None
         self._ort_prefill = prefill_session.sess if isinstance(prefill_session, OrtSession) else None
         self._outputs = ["logits"] + layout.present_names
+        self._proposers = _PROPOSERS.setdefault(session, {}) if self._ort is not None else {}
+        self._proposer_outputs = ["tokens"] + layout.present_names
 
     def reset(self, batch: int) -> None:
         self.batch, self.length = batch, 0
@@ -161,6 +202,49 @@ class ArrayKVRunner(KVRunner):
         if length < self.length:
             self.cache = [np.ascontiguousarray(c[:, :, :length]) for c in self.cache]
             self.length = length
+
+    def propose(self, ids: np.ndarray, k: int, sampling: "Sampling", rng: np.random.Generator
+                ) -> tuple[list[int], list[np.ndarray]]:
+        """As :meth:`KVRunner.propose`; greedy proposals from an ONNX Runtime decode graph run as one
+        call of the graph unrolled ``k`` times (:func:`deepship.exporters.kv.greedy_proposer`, built
+        on first use for each ``k`` and kept), which saves ``k - 1`` calls' overhead."""
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        room = self.layout.context - self.length - ids.shape[1] + 1  # the most proposals the cache can take
+        # a graph built for a larger k serves a smaller one (the last round of a generation) and is
+        # cut back: a few extra draft steps cost less than building a session
+        built = [j for j, p in self._proposers.items() if p is not None and k <= j <= room]
+        kk = min(built) if built else k
+        sess = self._proposer(kk) if self.fuse_proposals and sampling.greedy and k > 1 and kk <= room else None
+        if sess is None:
+            return super().propose(ids, k, sampling, rng)
+        self._check(ids, extra=kk - 1)
+        start = self.length
+        tokens, *self.cache = sess.run(self._proposer_outputs, {"input_ids": ids, **dict(zip(self.layout.past_names, self.cache))})
+        self.length += ids.shape[1] + kk - 1
+        self.truncate(start + ids.shape[1] + k - 1)
+        return [int(x) for x in tokens[0, :k]], []
+
+    def _proposer(self, k: int) -> OrtSession | None:
+        """The fused greedy proposal session for ``k`` (``None`` for torch sessions or a graph that
+        cannot be unrolled; :meth:`propose` then calls the step graph ``k`` times). Kept per decode
+        session, so every runner of a served draft shares them (ONNX Runtime sessions may be called
+        from several threads)."""
+        if k not in self._proposers:
+            sess = None
+            if self._ort is not None and getattr(self.session, "path", None):
+                import onnx
+
+                from ..errors import ArtifactError, ExportError
+                from ..exporters.kv import greedy_proposer
+
+                try:
+                    model = greedy_proposer(onnx.load(self.session.path, load_external_data=False), k)
+                    sess = OrtSession(self.session.path, providers=self._ort.get_providers(),
+                                      threads=self.session.threads, model=model)
+                except (ExportError, ArtifactError):  # not unrollable / not loadable: the step loop serves
+                    sess = None
+            self._proposers[k] = sess
+        return self._proposers[k].sess if self._proposers[k] is not None else None
 
 
 class IOBindingKVRunner(KVRunner):
@@ -594,20 +678,7 @@ def speculative_generate(target: KVRunner, draft: KVRunner, prompt: np.ndarray |
         room = context - target.length - len(pending)
         kk = max(0, min(int(k), limit - len(new) - 1, room))
         # draft: propose kk tokens
-        props: list[int] = []
-        qs: list[np.ndarray] = []
-        if kk:
-            dl = draft.forward(np.asarray([seq[draft.length:]], np.int64))[0, -1]
-            for i in range(kk):
-                if sampling.greedy:
-                    x = int(dl.argmax())
-                else:
-                    q = probabilities(dl, sampling)
-                    x = int(sample(q[None], rng)[0])
-                    qs.append(q)
-                props.append(x)
-                if i < kk - 1:
-                    dl = draft.forward(np.asarray([[x]], np.int64))[0, -1]
+        props, qs = draft.propose(np.asarray([seq[draft.length:]], np.int64), kk, sampling, rng) if kk else ([], [])
         # target: verify all proposals in one pass (logits for the pending token and each proposal)
         base = target.length + len(pending)
         tl = target.forward(np.asarray([pending + props], np.int64))[0, len(pending) - 1:]

@@ -154,6 +154,9 @@ class OrtSession(Session):
         threads: intra-op threads (default :func:`default_threads`).
         graph_optimization_level: ``"all"``, ``"extended"``, ``"basic"`` or ``"disabled"``.
         options: extra ``SessionOptions`` attributes.
+        model: an ``onnx.ModelProto`` built in memory (e.g. by
+            :func:`deepship.exporters.kv.greedy_proposer`) to run instead of the file at ``path``; its
+            external data is read from ``path``'s folder.
 
     ``provider`` records the provider that actually runs (``session.get_providers()[0]``).
 
@@ -164,16 +167,23 @@ class OrtSession(Session):
     runtime = "onnxruntime"
 
     def __init__(self, path: str | os.PathLike, providers: Sequence[str] | None = None, threads: int | None = None,
-                 graph_optimization_level: str = "all", options: Mapping[str, Any] | None = None):
+                 graph_optimization_level: str = "all", options: Mapping[str, Any] | None = None,
+                 model: Any = None):
         import onnxruntime as ort
 
-        check_onnx_file(path)
+        if model is None:
+            check_onnx_file(path)
         self.threads = threads or default_threads()
         so = session_options(graph_optimization_level, self.threads)
         for k, v in (options or {}).items():
             setattr(so, k, v)
+        source: Any = str(path)
+        if model is not None:  # built in memory: external data resolves against path's folder
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                        str(Path(path).resolve().parent))
+            source = model.SerializeToString()
         try:
-            self.sess = ort.InferenceSession(str(path), so, providers=list(providers or ["CPUExecutionProvider"]))
+            self.sess = ort.InferenceSession(source, so, providers=list(providers or ["CPUExecutionProvider"]))
         except Exception as e:
             msg = str(e).splitlines()[0][:200]
             raise ArtifactError(f"ONNX Runtime cannot load {path}: {msg}") from None
