@@ -888,8 +888,8 @@ def report_measures(ctx: Any, variant: Any, session: Any, new_tokens: int = 64, 
     Returns:
         ``{"prefill_ms_b1": ms for the 64-token prompt at batch 1, "decode_tok_s_b1", "decode_tok_s_b8":
         tokens/s of the decode phase (all rows, prefill excluded) for 64 new tokens, "acceptance_rate":
-        greedy speculative decoding with ``gpt-draft`` (its :data:`DRAFT_VARIANT`; torch draft for the
-        torch variant) at k=4 over 4 prompts, "spec_tok_s_b1", "spec_speedup_b1": speculative tokens/s over
+        greedy speculative decoding with ``gpt-draft`` (its :data:`DRAFT_VARIANT` on 1 thread; torch
+        draft for the torch variant) at k=4 over 4 prompts, "spec_tok_s_b1", "spec_speedup_b1": speculative tokens/s over
         plain KV-cache tokens/s at batch 1}``. Medians of ``repeats`` runs.
     """
     from ..pipeline.stages import ModelContext
@@ -910,7 +910,11 @@ def report_measures(ctx: Any, variant: Any, session: Any, new_tokens: int = 64, 
         out[f"decode_tok_s_b{b}"] = round(float(np.median([r.decode_tok_s for r in runs])), 1)
     dctx = ModelContext(draft_spec())
     dv = dctx.baseline() if variant.format == "torch" else build_variant(dctx, DRAFT_VARIANT)
-    draft = variant_runner(dctx, dv, threads=getattr(session, "threads", None))
+    # an ONNX draft on 1 thread whatever the report's count: at its size a second intra-op thread costs
+    # more in per-operator synchronization than it adds (measured: speculative 0.99x plain with a
+    # 2-thread draft, 1.50x with a 1-thread draft, both against a 2-thread target, 256 tokens). A torch
+    # draft keeps the target's count (torch's thread count is process-wide).
+    draft = variant_runner(dctx, dv, threads=1 if dv.format == "onnx" else getattr(session, "threads", None))
     speculative_generate(runner, draft, prompts[:1], 2 * k + 2, k=k)  # warm-up: the draft's proposal graph
     spec_runs = [speculative_generate(runner, draft, p[None], new_tokens, k=k) for p in prompts[:4]]
     plain_runs = [generate(runner, p[None], new_tokens) for p in prompts[:4]]
