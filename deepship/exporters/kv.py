@@ -251,8 +251,8 @@ def greedy_proposer(decode: Any, k: int) -> Any:
 
     Why: at a 1-layer draft's size (55 nodes, 0.1 ms a step) ONNX Runtime's per-call overhead and the
     Python around each call are a large part of a step; measured on the 2-core EPYC, 4 proposals take
-    0.33 ms fused against 4 x 0.10 ms for the step graph alone, and speculative decoding ran 1.16x
-    faster end to end (docs/gpt.md).
+    0.33 ms fused against 4 x 0.10 ms for the step graph alone, and speculative decoding ran
+    1.06-1.16x faster end to end (docs/gpt.md).
 
     Args:
         decode: the decode-step ``onnx.ModelProto`` (external data may stay external: the result

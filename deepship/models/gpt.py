@@ -826,7 +826,7 @@ def variant_config(ctx: Any, variant: Any) -> GPTConfig:
 
 #: the draft variant speculative decoding uses by default (``optimize generate --draft-variant``): the
 #: draft's precision changes only which tokens it proposes, never the output, and the INT8 draft
-#: measured 1.07-1.2x faster end to end than the FP32 one here (its weights are a quarter of the
+#: measured 1.03-1.14x faster end to end than the FP32 one here (its weights are a quarter of the
 #: bytes, so less of the target's data is evicted from the caches between calls; docs/gpt.md)
 DRAFT_VARIANT = "int8-dynamic"
 
