@@ -233,7 +233,16 @@ def test_speculative_fused_proposals_keep_the_target_greedy_output(tiny, exporte
         assert (steps.proposed, steps.accepted) == (res.proposed, res.accepted)
     assert draft._proposers.get(3) is not None and draft._proposers.get(6) is not None  # fused graphs were used
     assert R.make_runner(dec, TINY.layout())._proposers is draft._proposers  # built once per session
-    assert steps.proposed and R.ArrayKVRunner(_torch_session(tiny), TINY.layout())._proposers == {}
+    assert R.ArrayKVRunner(_torch_session(tiny), TINY.layout())._proposers == {}  # torch: the step loop
+    # a smaller k is served by the k=3 graph and cut back: same tokens and cache as 2 step calls
+    for r in (draft, step_draft):
+        r.reset(1)
+        r.forward(prompt[None, :5])
+    greedy = R.Sampling()
+    got, want = (r.propose(prompt[None, 5:], 2, greedy, np.random.default_rng(0)) for r in (draft, step_draft))
+    assert got == want and draft.length == step_draft.length == 9 + 1 and 2 not in draft._proposers
+    for a, b in zip(draft.cache, step_draft.cache):
+        np.testing.assert_allclose(a, b, atol=1e-6)
 
 
 def test_speculative_greedy_equals_target_greedy_on_real_prompts(trained):
