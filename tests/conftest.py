@@ -55,3 +55,23 @@ def cli():
         return res.exit_code, res.stdout, res.stderr
 
     return run
+
+
+@pytest.fixture(scope="session")
+def heldout_lm_loss():
+    """``heldout_lm_loss(model)`` -> mean next-token cross-entropy (nats) of a language model
+    (``model(ids)[0]`` = logits ``(batch, seq, vocab)``) on the first 8 x 33 held-out tokens of the
+    GPT's corpus: the learning check of the tiny GPT and Mamba recipes."""
+    import torch
+
+    from deepship.models import gpt as G
+
+    held = G.corpus()[1][: 8 * 33].reshape(8, 33)
+    x, y = torch.from_numpy(held[:, :-1]), torch.from_numpy(held[:, 1:])
+
+    def loss(model) -> float:
+        with torch.no_grad():
+            logits = model(x)[0]
+        return float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)))
+
+    return loss

@@ -374,25 +374,17 @@ def test_zoo_specs_and_bigram_reference():
     assert b["metric"] == "perplexity" and 10 < b["value"] < G.TARGET.vocab_size
 
 
-def test_training_recipes_run_tiny_and_learn():
+def test_training_recipes_run_tiny_and_learn(heldout_lm_loss):
     """The target's recipe and the draft's distillation recipe (with a pool of target-written text), on
     a tiny configuration: both bring the held-out loss well under the uniform ``log(vocab)``."""
     cfg = G.GPTConfig(vocab_size=G.TARGET.vocab_size, context=32, n_layer=1, n_head=2, d_model=32)
     base = {**G.TARGET_RECIPE, "arch": cfg.to_dict(), "steps": 120, "batch_size": 8, "seq_len": 32,
             "warmup": 10, "threads": 1}
-    held = G.corpus()[1][: 8 * 33].reshape(8, 33)
-    x, y = torch.from_numpy(held[:, :-1]), torch.from_numpy(held[:, 1:])
-
-    def heldout_loss(m):
-        with torch.no_grad():
-            logits = m(x)[0]
-        return float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)))
-
     target = G.GPT(cfg)
-    untrained = heldout_loss(target.eval())
+    untrained = heldout_lm_loss(target.eval())
     stats = G.train_gpt(target, None, base)
     assert stats["train_s"] > 0 and np.isfinite(stats["final_loss"])
-    t_loss = heldout_loss(target)
+    t_loss = heldout_lm_loss(target)
     assert t_loss < untrained - 1.0 and t_loss < np.log(cfg.vocab_size) - 1.0, (untrained, t_loss)
 
     pool = G.target_continuations(target, cfg, {"sequences": 4, "prompt_tokens": 8, "greedy_fraction": 0.5,
@@ -402,5 +394,5 @@ def test_training_recipes_run_tiny_and_learn():
     draft = G.GPT(dcfg)
     G.train_gpt(draft, None, {**base, "arch": dcfg.to_dict(), "kd_temperature": 1.0, "kd_alpha": 0.1,
                               "pool_batch": 2}, teacher=target, pool=pool)
-    d_loss = heldout_loss(draft)
+    d_loss = heldout_lm_loss(draft)
     assert d_loss < np.log(cfg.vocab_size) - 1.0, d_loss

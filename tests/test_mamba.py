@@ -221,27 +221,19 @@ def test_int8_dynamic_through_the_pipeline_is_close_to_fp32():
     assert ppl["int8-dynamic"] == pytest.approx(ppl["fp32-torch"], rel=0.05), ppl
 
 
-def test_tiny_recipe_is_seeded_and_learns():
+def test_tiny_recipe_is_seeded_and_learns(heldout_lm_loss):
     cfg = M.MambaConfig(n_layer=1, d_model=32, head_dim=16, d_state=8, chunk=16)
     recipe = {**M.RECIPE, "arch": cfg.to_dict(), "steps": 80, "batch_size": 8, "seq_len": 32, "warmup": 10,
               "threads": 1, "lr": 1e-2}
-    held = G.corpus()[1][: 8 * 33].reshape(8, 33)
-    x, y = torch.from_numpy(held[:, :-1]), torch.from_numpy(held[:, 1:])
-
-    def heldout_loss(m):
-        with torch.no_grad():
-            logits = m(x)[0]
-        return float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)))
-
     models = []
     for _ in range(2):
         torch.manual_seed(0)
         m = M.build(cfg.to_dict())
-        untrained = heldout_loss(m.eval())
+        untrained = heldout_lm_loss(m.eval())
         stats = M.train_mamba(m, None, recipe)
         assert stats["train_s"] > 0 and np.isfinite(stats["final_loss"])
         models.append(m)
     for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values()):
         assert torch.equal(a, b)
-    loss = heldout_loss(models[0])
+    loss = heldout_lm_loss(models[0])
     assert loss < untrained - 1.0 and loss < np.log(cfg.vocab_size) - 1.0, (untrained, loss)
