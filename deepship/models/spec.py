@@ -216,6 +216,9 @@ class ModelSpec:
         train_data: optional ``() -> Any`` giving what ``train`` trains on when that is not ``data()``
             (the ASR model trains on utterances; its ``data`` holds recorded streaming chunks, which
             need the trained model).
+        data_id: identity of user data attached to the spec (hashes of the ``.npz`` files and how
+            they are split); ``""`` when ``data`` is the spec's own seeded code. Part of the cache key
+            of every stage that reads data (calibration, fine-tuning, distillation).
     """
 
     name: str
@@ -237,6 +240,21 @@ class ModelSpec:
     plan: Callable[[list], list] | None = None
     measure: Callable[[Any, Any, Any], dict] | None = None
     train_data: Callable[[], Any] | None = None
+    data_id: str = ""
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Everything in the spec that can change a built artifact, as JSON-able data: name, task,
+        source, every input (name, dims, dtype, value range), the output names, the metric and its
+        direction, the source's identity (file or factory hash) and the architecture config.
+
+        The artifact cache keys the baseline on this plus the weights' hash, so a changed
+        ``--input`` spec, output name or metric never reuses an artifact built for another.
+        """
+        return {"name": self.name, "task": self.task, "source": self.source,
+                "inputs": [[t.name, list(t.dims), t.dtype, float(t.low), float(t.high)] for t in self.inputs],
+                "outputs": list(self.output_names),
+                "metric": None if self.metric is None else [self.metric.name, bool(self.metric.higher_is_better)],
+                "identity": str(self.extra.get("identity", "")), "config": self.extra.get("config")}
 
     def example_inputs(self, sizes: Mapping[str, int] | None = None, seed: int = 0) -> dict[str, np.ndarray]:
         """Random inputs at the example shape (or ``sizes``), dict name -> numpy array."""

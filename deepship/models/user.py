@@ -41,6 +41,17 @@ def _import_factory(ref: str) -> Callable[[], Any]:
     return fn
 
 
+def _source_hash(fn: Callable) -> str:
+    """SHA-256 of the file that defines ``fn`` (an edited model class is a different model), or ``-``."""
+    import inspect
+
+    try:
+        src = inspect.getsourcefile(fn)
+    except TypeError:
+        src = None
+    return sha256_file(src) if src and Path(src).is_file() else "-"
+
+
 def factory_spec(ref: str, inputs: Sequence[str | TensorSpec], weights: str | None = None,
                  output_names: Sequence[str] | None = None, name: str | None = None) -> ModelSpec:
     """Spec for ``package.module:factory``: ``factory()`` returns an ``nn.Module``.
@@ -71,7 +82,7 @@ def factory_spec(ref: str, inputs: Sequence[str | TensorSpec], weights: str | No
 
     if weights and not Path(weights).is_file():
         raise WeightsError(f"weights file {weights} not found; check the path given to --weights")
-    ident = hashlib.sha256((ref + "|" + (sha256_file(weights) if weights else "-")).encode()).hexdigest()[:16]
+    ident = hashlib.sha256("|".join([ref, sha256_file(weights) if weights else "-", _source_hash(fn)]).encode()).hexdigest()[:16]
     return ModelSpec(name=name or ref.split(":")[-1], task="other", build=build, inputs=specs,
                      output_names=list(output_names or ["output"]), weights_path=weights, source="factory",
                      description=f"user model {ref}" + (f" with weights {Path(weights).name}" if weights else ""),
@@ -189,6 +200,11 @@ def npz_dataset(path: str, spec: ModelSpec) -> Dataset:
     return Dataset(calib, test, source=f"user data {p.name} ({n} samples)")
 
 
+def npz_identity(path: str) -> str:
+    """Identity of an ``.npz`` data file for the cache key: its SHA-256 and the loader's layout version."""
+    return f"npz-v1:{sha256_file(path)[:16]}"
+
+
 def attach_data(spec: ModelSpec, data: str | None = None, metric: str | None = None,
                 evaluate: Callable[[Any], float] | None = None, higher_is_better: bool | None = None) -> ModelSpec:
     """Return ``spec`` with user data, metric and/or evaluation function attached.
@@ -204,6 +220,7 @@ def attach_data(spec: ModelSpec, data: str | None = None, metric: str | None = N
     if data:
         ds = npz_dataset(data, spec)
         kw["data"] = lambda: ds
+        kw["data_id"] = npz_identity(data)
         if ds.test.targets is not None:
             m = METRICS[metric] if metric else (METRICS["accuracy"] if np.issubdtype(ds.test.targets.dtype, np.integer)
                                                 else METRICS["mse"])

@@ -347,7 +347,7 @@ def distill_train(ctx: ModelContext, teacher: nn.Module, student: nn.Module, tem
 
 # ---- the stage ----------------------------------------------------------------------------------
 
-@register_stage("distill", "kd", "torch", "torch")
+@register_stage("distill", "kd", "torch", "torch", uses_data=True)
 def _distill_stage(ctx: ModelContext, parent: Variant, params: dict, out: Path):
     """Train a smaller student on the teacher's softened outputs (Hinton et al. 2015; MSE for regression)."""
     teacher = P.parent_module(ctx, parent)

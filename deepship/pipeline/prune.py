@@ -594,7 +594,7 @@ def _importance_doc(importance: str, structured: bool) -> str:
     return "magnitude |w| (torch.nn.utils.prune.L1Unstructured, global over all weight matrices)"
 
 
-@register_stage("prune", "structured", "torch", "torch")
+@register_stage("prune", "structured", "torch", "torch", uses_data=True)
 def _structured_stage(ctx: ModelContext, parent: Variant, params: dict, out: Path):
     """Remove channels/hidden units with torch-pruning's dependency graph, then fine-tune."""
     sparsity = float(params.get("sparsity", 0.5))
@@ -611,7 +611,7 @@ def _structured_stage(ctx: ModelContext, parent: Variant, params: dict, out: Pat
                    "library": f"torch-pruning {_tp_version()} (DependencyGraph + MetaPruner)"}
 
 
-@register_stage("prune", "unstructured", "torch", "torch")
+@register_stage("prune", "unstructured", "torch", "torch", uses_data=True)
 def _unstructured_stage(ctx: ModelContext, parent: Variant, params: dict, out: Path):
     """Zero the smallest weights (global L1, torch.nn.utils.prune), fine-tune with masks, make permanent."""
     sparsity = float(params.get("sparsity", 0.5))

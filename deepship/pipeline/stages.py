@@ -26,11 +26,10 @@ import numpy as np
 
 from ..errors import StageError, WeightsError
 from ..models.spec import ModelSpec
-from ..utils import atomic_dir, sha256_file, stable_hash
-from .variants import Variant, artifact_dir, load_cached, write_meta
+from ..utils import atomic_dir, sha256_file
+from .variants import Variant, artifact_dir, baseline_key, library_versions, load_cached, variant_key, write_meta
 
 CALIBRATION_SAMPLES = 256
-PIPELINE_VERSION = 1
 
 
 @dataclass
@@ -38,6 +37,8 @@ class StageImpl:
     """One registered stage implementation.
 
     ``fn(ctx, parent, params, out_dir) -> (file names, info)`` builds into ``out_dir``.
+    ``uses_data``: the stage reads the model's data (calibration, fine-tuning, distillation), so the
+    data's identity is part of its cache key.
     """
 
     stage: str
@@ -47,17 +48,21 @@ class StageImpl:
     precision: str
     fn: Callable[..., tuple[list[str], dict]]
     doc: str = ""
+    uses_data: bool = False
 
 
 _STAGES: dict[tuple[str, str], StageImpl] = {}
 
 
-def register_stage(stage: str, method: str, consumes: str, produces: str, precision: str = "fp32"):
-    """Decorator registering ``fn`` as the implementation of ``(stage, method)``."""
+def register_stage(stage: str, method: str, consumes: str, produces: str, precision: str = "fp32",
+                   uses_data: bool = False):
+    """Decorator registering ``fn`` as the implementation of ``(stage, method)``; ``uses_data`` for
+    stages that read the model's data (their cache key then covers it)."""
 
     def deco(fn):
         _STAGES[(stage, method)] = StageImpl(stage, method, consumes, produces, precision, fn,
-                                             (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "")
+                                             (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "",
+                                             uses_data)
         return fn
 
     return deco
@@ -109,6 +114,8 @@ class ModelContext:
         self._module = None
         self._dataset = None
         self._variants: dict[str, Variant] = {}
+        self._identity: str | None = None
+        self._data_key: str | None = None
         self.weights_info: dict[str, Any] = {}
 
     # -- model and data -------------------------------------------------------------------------
@@ -160,22 +167,44 @@ class ModelContext:
         return feeds, "64 random inputs (no data given: pass --data for real calibration)"
 
     def identity(self) -> str:
-        """Hash of what determines the baseline model (recipe, weights file, or source file)."""
-        s = self.spec
-        if s.source == "zoo" and not s.weights_path:
-            from ..models.train import recipe_hash
+        """Cache key of the baseline: the spec's fingerprint (inputs, outputs, metric, source identity)
+        and the weights' identity (the committed recipe's hash, or the weights file's SHA-256)."""
+        if self._identity is None:
+            s = self.spec
+            if s.weights_path:
+                weights = sha256_file(s.weights_path)
+            elif s.source == "zoo":
+                from ..models.train import recipe_hash
 
-            return recipe_hash(s)
-        if s.source == "zoo":
-            return stable_hash([s.name, sha256_file(s.weights_path)])
-        return str(s.extra.get("identity", s.name))
+                weights = recipe_hash(s)
+            else:
+                weights = "-"  # .pt2 / .onnx / hf: the file's hash is the spec's identity
+            self._identity = baseline_key(s.fingerprint(), weights)
+        return self._identity
+
+    def data_key(self) -> str:
+        """Identity of the data that data-reading stages see: ``spec.data_id`` for attached files, a
+        fixed tag for data made by a zoo spec's own seeded code (keyed by its recipe already), a hash
+        of the arrays for a dataset given from code, ``no-data`` when calibration falls back to seeded
+        random inputs (determined by the input spec, which the baseline key covers)."""
+        if self._data_key is None:
+            s = self.spec
+            if s.data is None:
+                self._data_key = "no-data"
+            elif s.data_id:
+                self._data_key = s.data_id
+            elif s.source in ("zoo", "hf"):
+                self._data_key = f"{s.source}-data"
+            else:
+                self._data_key = hash_dataset(self.dataset())
+        return self._data_key
 
     # -- variants -------------------------------------------------------------------------------
     def baseline(self) -> Variant:
         """The FP32 baseline: the torch model, or the given ONNX file for ONNX-only models."""
         if "baseline" in self._variants:
             return self._variants["baseline"]
-        key = stable_hash([self.identity(), PIPELINE_VERSION, "baseline"])
+        key = self.identity()
         if self.has_torch:
             v = load_cached(self.spec.name, "fp32-torch", key)
             if v is None:
@@ -249,12 +278,8 @@ class ModelContext:
         if impl.consumes != par.format:
             raise StageError(f"{stage} {method} consumes a {impl.consumes} model but '{par.name}' is {par.format}; "
                              + ("export to ONNX first" if impl.consumes == "onnx" else "start from the torch model"))
-        import onnx
-        import onnxruntime
-        import torch
-
-        key = stable_hash([par.key, stage, method, params, PIPELINE_VERSION,
-                           torch.__version__, onnx.__version__, onnxruntime.__version__])
+        data = [self.data_key(), int(params.get("samples", CALIBRATION_SAMPLES))] if impl.uses_data else None
+        key = variant_key(par.key, stage, method, params, data, library_versions())
         v = load_cached(self.spec.name, name, key)
         if v is None:
             self.progress(f"{self.spec.name}: building {name} ({stage} {method})")
@@ -294,6 +319,24 @@ class ModelContext:
         from .variants import open_variant_session
 
         return open_variant_session(v, self, threads=threads)
+
+
+def hash_dataset(ds: Any) -> str:
+    """A 16-hex-char hash of a :class:`~deepship.models.spec.Dataset`'s arrays (names, dtypes, shapes,
+    bytes) for datasets given from code, which carry no file identity."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for split in (ds.train, ds.test, getattr(ds, "calibration", None)):
+        if split is None:
+            h.update(b"-")
+            continue
+        arrays = sorted(split.inputs.items()) + ([("targets", split.targets)] if split.targets is not None else [])
+        for name, a in arrays:
+            a = np.ascontiguousarray(a)
+            h.update(f"{name}|{a.dtype}|{a.shape}|".encode())
+            h.update(a.tobytes())
+    return h.hexdigest()[:16]
 
 
 def _runtime_of(fmt: str) -> str:
@@ -346,7 +389,7 @@ def _onnx_stage(fn_name: str):
 
 
 register_stage("quantize", "int8-dynamic", "onnx", "onnx", "int8")(_onnx_stage("int8_dynamic"))
-register_stage("quantize", "int8-static", "onnx", "onnx", "int8")(_onnx_stage("int8_static"))
+register_stage("quantize", "int8-static", "onnx", "onnx", "int8", uses_data=True)(_onnx_stage("int8_static"))
 register_stage("quantize", "fp16", "onnx", "onnx", "fp16")(_onnx_stage("fp16"))
 register_stage("quantize", "int4-weight-only", "onnx", "onnx", "int4")(_onnx_stage("int4_weight_only"))
 
@@ -381,7 +424,7 @@ def _engine_ort(ctx: ModelContext, parent: Variant, params: dict, out: Path):
     return files, info
 
 
-@register_stage("engine", "inductor", "torch", "engine:inductor")
+@register_stage("engine", "inductor", "torch", "engine:inductor", uses_data=True)
 def _engine_inductor(ctx: ModelContext, parent: Variant, params: dict, out: Path):
     """AOTInductor .pt2 package of the torch model (FP32, BF16, FP16, INT8 through PT2E)."""
     from ..runtimes.engines import get_backend
@@ -391,7 +434,7 @@ def _engine_inductor(ctx: ModelContext, parent: Variant, params: dict, out: Path
     return files, info
 
 
-@register_stage("engine", "tensorrt", "onnx", "engine:tensorrt")
+@register_stage("engine", "tensorrt", "onnx", "engine:tensorrt", uses_data=True)
 def _engine_tensorrt(ctx: ModelContext, parent: Variant, params: dict, out: Path):
     """TensorRT serialized engine (plan) with optimization profiles and build metadata."""
     from ..runtimes.engines import get_backend

@@ -129,7 +129,7 @@ def register_stages() -> None:
                                 params.get("model_type", "bert"))
         return ["model.onnx"] + (["model.onnx.data"] if (out / "model.onnx.data").exists() else []), info
 
-    @S.register_stage("quantize", "int8-transformer", "onnx", "onnx", "int8")
+    @S.register_stage("quantize", "int8-transformer", "onnx", "onnx", "int8", uses_data=True)
     def _int8(ctx, parent, params, out):
         """INT8 for transformer encoders: dynamic or static QDQ, sensitive nodes kept FP32."""
         calib = None

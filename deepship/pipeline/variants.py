@@ -4,8 +4,11 @@ A :class:`Variant` is one node of a model's variant tree: a format (``torch``, `
 ``engine:<backend>``), the files that hold it, the stage and parameters that produced it from its
 parent, and what that stage measured (parity, quantized nodes, ...).
 
-Each built variant lives in ``$DEEPSHIP_CACHE/artifacts/<model>/<variant>-<key>/`` where ``key`` hashes
-the parent's key, the stage, its parameters and the library versions; ``meta.json`` lists every file
+Each built variant lives in ``$DEEPSHIP_CACHE/artifacts/<model>/<variant>-<key>/``. The baseline's key
+(:func:`baseline_key`) hashes the model spec's fingerprint (inputs with names, dims and dtypes, outputs,
+metric, source identity) and the weights' hash; every other key (:func:`variant_key`) hashes the
+parent's key, the stage, its method and parameters, the data it reads (calibration or training data:
+the files' hashes and the sample count) and the library versions. ``meta.json`` lists every file
 with its size and SHA-256. A rerun reuses a folder whose files still match and rebuilds otherwise.
 Folders are built under a temporary name and renamed, so a crash never leaves a half-written variant.
 """
@@ -17,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ArtifactError
-from ..utils import cache_root, sha256_file
+from ..utils import cache_root, sha256_file, stable_hash
 
 FORMATS = ("torch", "onnx", "engine:onnxruntime", "engine:tensorrt", "engine:inductor")
 
@@ -73,6 +76,38 @@ class Variant:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Variant":
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+#: bump to invalidate every cached artifact when the pipeline's output changes for the same inputs
+PIPELINE_VERSION = 2
+
+
+def library_versions() -> dict[str, str]:
+    """The versions of the libraries that write artifacts (torch, onnx, onnxruntime, numpy)."""
+    import numpy
+    import onnx
+    import onnxruntime
+    import torch
+
+    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "numpy": numpy.__version__}
+
+
+def baseline_key(fingerprint: dict[str, Any], weights_id: str) -> str:
+    """Cache key of a model's baseline variant: the spec's fingerprint
+    (:meth:`~deepship.models.spec.ModelSpec.fingerprint`) and the weights' identity (a file's SHA-256,
+    or a zoo recipe's hash)."""
+    return stable_hash([fingerprint, weights_id, PIPELINE_VERSION, "baseline"])
+
+
+def variant_key(parent_key: str, stage: str, method: str, params: dict[str, Any], data_key: Any,
+                versions: dict[str, str]) -> str:
+    """Cache key of a variant built by ``stage``/``method(params)`` from the parent with ``parent_key``.
+
+    ``data_key`` identifies the data the stage reads (``None`` for stages that read none): the data
+    files' hashes and the calibration sample count. ``versions`` are :func:`library_versions`.
+    """
+    return stable_hash([parent_key, stage, method, params, data_key, versions, PIPELINE_VERSION])
 
 
 def artifact_dir(model: str, name: str, key: str) -> Path:

@@ -41,7 +41,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ...errors import ArtifactError, InputSpecError, StageError
-from ...utils import atomic_file, cache_root
+from ...utils import atomic_file, cache_root, stable_hash
 from ..session import Session
 from . import register_backend
 
@@ -524,7 +524,7 @@ class TensorRTBackend:
                     info["qdq"] = {k: q[k] for k in ("nodes", "calibration", "bias_dq_folded") if k in q}
                 else:
                     calibrator = _entropy_calibrator(trt, calib, [t.name for t in ctx.spec.inputs],
-                                                     cache_root() / "tensorrt" / f"calib-{parent.key}.cache")
+                                                     cache_root() / "tensorrt" / f"calib-{stable_hash([parent.key, ctx.data_key(), len(next(iter(calib.values())))])}.cache")
             elif parent.precision == "int8":  # a QDQ variant given as source: fold its INT32 biases
                 import onnx
 
