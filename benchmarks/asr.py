@@ -30,7 +30,6 @@ import time
 import warnings
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 warnings.filterwarnings("ignore")
@@ -47,8 +46,9 @@ def main() -> None:
 
     from deepship import api
     from deepship.models import asr as A
+    from deepship.models.asr import data as S
+    from deepship.pipeline.arch import asr as AA
     from deepship.runtimes.asr_stream import ctc_prefix_beam_search
-    from deepship.models import speech as S
     from deepship.utils import machine_info
 
     ctx = api.load("asr")
@@ -58,14 +58,14 @@ def main() -> None:
         t0 = time.perf_counter()
         v = api.asr_variant(ctx, name)
         sess = ctx.session(v, threads=1)
-        clean = A.evaluate_cer(sess)
-        m = A.measure_streaming(ctx, v, sess, utterances=args.rtf_utterances)
+        clean = AA.evaluate_cer(sess)
+        m = AA.measure_streaming(ctx, v, sess, utterances=args.rtf_utterances)
         row = {"variant": name, "format": v.format, "precision": v.precision, "size_bytes": v.size_bytes(),
                "cer": round(clean["cer"], 4), **m}
         if name in ("fp32-onnx", "int8-dynamic", "int8-static"):
             lps = A.stream_batch(sess.run, corpus.test.feats, A.DEFAULT, A.feature_mean())
             hyps = [S.decode_labels(ctc_prefix_beam_search(lp, beam=8)).strip() for lp in lps]
-            row["cer_beam8"] = round(A.error_rates(hyps, corpus.test.texts)["cer"], 4)
+            row["cer_beam8"] = round(AA.error_rates(hyps, corpus.test.texts)["cer"], 4)
         row["measure_s"] = round(time.perf_counter() - t0, 1)
         rows[name] = row
         print(json.dumps(row), flush=True)

@@ -73,8 +73,7 @@ def main() -> None:
     from deepship.pipeline.evaluate import bench_feeds, drift, eval_feeds
     from deepship.runtimes.benchmark import measure
     from deepship.runtimes.engines.tensorrt import cuda_device
-    from deepship.runtimes.session import default_threads
-    from deepship.utils import machine_info, write_json_atomic
+    from deepship.utils import default_threads, machine_info, write_json_atomic
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="cnn,lstm")

@@ -141,9 +141,13 @@ def main() -> None:
 
     from deepship import api
     from deepship.models import gpt as G
+    from deepship.pipeline.arch import gpt as AG
     from deepship.runtimes import generate as R
-    from deepship.runtimes.session import OrtSession, default_threads
-    from deepship.utils import machine_info, write_json_atomic, write_text_atomic
+    from deepship.runtimes import kvcache as K
+    from deepship.runtimes.kvcache import KVLayout
+    from deepship.runtimes.sampling import Sampling
+    from deepship.runtimes.session import OrtSession
+    from deepship.utils import default_threads, machine_info, write_json_atomic, write_text_atomic
 
     threads = args.threads or default_threads()
     load0 = os.getloadavg()
@@ -151,26 +155,26 @@ def main() -> None:
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     ctx, dctx = api.load("gpt"), api.load("gpt-draft")
     cfg, dcfg = G.config_of(ctx.spec), G.config_of(dctx.spec)
-    layout = cfg.layout()
+    layout = KVLayout.of(cfg)
     log("building variants (cached after the first run) ...")
-    V = {n: G.build_variant(ctx, n) for n in ("fp32-torch", "fp32-onnx", "int8-dynamic", "int4-b32", "int4-b128")}
-    dv = G.build_variant(dctx, "int8-dynamic")
-    dv32 = G.build_variant(dctx, "fp32-onnx")
+    V = {n: AG.build_variant(ctx, n) for n in ("fp32-torch", "fp32-onnx", "int8-dynamic", "int4-b32", "int4-b128")}
+    dv = AG.build_variant(dctx, "int8-dynamic")
+    dv32 = AG.build_variant(dctx, "fp32-onnx")
     sess = {n: ctx.session(v, threads=threads) for n, v in V.items()}
     prefill_fp32 = OrtSession(Path(V["fp32-onnx"].dir) / "prefill.onnx", threads=threads)
 
     def runner(name: str, mode: str = "auto"):
-        return G.variant_runner(ctx, V[name], sess[name], mode=mode)
+        return AG.variant_runner(ctx, V[name], sess[name], mode=mode)
 
-    draft_runner = G.variant_runner(dctx, dv, threads=threads)
-    draft32 = G.variant_runner(dctx, dv32, threads=threads)
-    step_draft = R.ArrayKVRunner(draft_runner.session, draft_runner.layout, draft_runner.prefill_session,
+    draft_runner = AG.variant_runner(dctx, dv, threads=threads)
+    draft32 = AG.variant_runner(dctx, dv32, threads=threads)
+    step_draft = K.ArrayKVRunner(draft_runner.session, draft_runner.layout, draft_runner.prefill_session,
                                  fuse_proposals=False)
     prompts = G.heldout_prompts(args.prompts, G.REPORT_PROMPT_TOKENS)
     n = args.new_tokens
     res: dict = {}
 
-    rec = R.RecomputeRunner(prefill_fp32, layout)
+    rec = K.RecomputeRunner(prefill_fp32, layout)
     kv = runner("fp32-onnx")
     kv_io = runner("fp32-onnx", "iobinding")
     kv_torch = runner("fp32-torch")
@@ -192,13 +196,13 @@ def main() -> None:
         **{f"speculative_int4_b32_target_k{k}": (lambda p, k=k: R.speculative_generate(int4, draft_runner, p, n, k=k))
            for k in (3, 4)},
         **{f"speculative_sampling_t1_k{k}": (lambda p, k=k: R.speculative_generate(
-            kv, draft_runner, p, n, k=k, sampling=R.Sampling(greedy=False, temperature=1.0, seed=0))) for k in (2, 4)},
+            kv, draft_runner, p, n, k=k, sampling=Sampling(greedy=False, temperature=1.0, seed=0))) for k in (2, 4)},
     }
     log(f"running {len(configs)} configurations x {len(prompts)} prompts x {args.repeats} repeats (round-robin) ...")
     res.update(run_configs(configs, prompts, args.repeats, once={"a_recompute_fp32_onnx", "kv_cache_fp32_torch_eager"}))
     if threads == 1:  # the same KV-cache loop with 2 intra-op threads, for comparison
         s2 = ctx.session(V["fp32-onnx"], threads=2)
-        kv2 = G.variant_runner(ctx, V["fp32-onnx"], s2)
+        kv2 = AG.variant_runner(ctx, V["fp32-onnx"], s2)
         res.update(run_configs({"kv_cache_fp32_onnx_2_threads": lambda p: R.generate(kv2, p, n)}, prompts[:1], 1))
     # batch 8 with the KV cache (8 held-out prompts of equal length)
     p8 = G.heldout_prompts(8, G.REPORT_PROMPT_TOKENS)

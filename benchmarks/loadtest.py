@@ -256,9 +256,9 @@ def ensure_report(path: str | None) -> Path:
     """The given report, or the default zoo's report built into the cache (batch 1, short timings)."""
     if path:
         return Path(path)
-    from deepship.pipeline.report import run_report
     from deepship.models import resolve
     from deepship.models.zoo import DEFAULT_SET
+    from deepship.pipeline.report import run_report
     from deepship.utils import cache_root
 
     out = cache_root() / "loadtest-report"
@@ -309,7 +309,7 @@ def main() -> None:
           f"imports alone: {imports} s", flush=True)
 
     # expected outputs: the direct session, one digit at a time
-    from deepship.models.data import digits
+    from deepship.models.vision.data import digits
 
     xs = digits(True).test.inputs["x"][:256].astype(np.float32)
     sess = OrtSession(cnn_row["artifact"], threads=1)

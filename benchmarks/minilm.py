@@ -70,6 +70,7 @@ def main() -> None:
 
     from deepship import api
     from deepship.models import hf
+    from deepship.pipeline.arch import hf as AH
     from deepship.runtimes.session import TorchSession
 
     ctx = api.load("bert")
@@ -97,7 +98,7 @@ def main() -> None:
     # agreement with FP32 (PyTorch) on the corpus
     s = hf.sentences()
     texts, n_corpus = s["corpus"] + s["queries"], len(s["corpus"])
-    ref = hf.fp32_reference(spec.extra["path"], spec.build, spec.extra["identity"])
+    ref = AH.fp32_reference(spec)
     rows["fp32-torch"].update(cosine=1.0, min_cosine=1.0, recall_at_1=1.0)
     for name, v in variants.items():
         t0 = time.perf_counter()
@@ -105,7 +106,7 @@ def main() -> None:
         if cached.is_file():
             m = json.loads(cached.read_text())
         else:
-            m = hf.embedding_metrics(hf.embed(ctx.session(v, threads=2), spec.extra["path"], texts), ref, n_corpus)
+            m = hf.embedding_metrics(AH.embed(ctx.session(v, threads=2), spec.extra["path"], texts), ref, n_corpus)
             cached.write_text(json.dumps(m))
         rows[name].update(cosine=round(m["cosine"], 5), min_cosine=round(m["min_cosine"], 4),
                           recall_at_1=round(m["recall@1"], 4), eval_s=round(time.perf_counter() - t0, 1))

@@ -146,9 +146,10 @@ def decode_tok_s(ctx, variants, batch: int, rounds: int, new_tokens: int = 64) -
     """Median over ``rounds`` interleaved rounds of each decoder variant's greedy decode tokens/s
     (``batch`` held-out 64-token prompts, ``new_tokens`` new tokens each, prefill excluded, 1 thread)."""
     from deepship.models import gpt
+    from deepship.pipeline.arch import gpt as AG
     from deepship.runtimes.generate import generate
 
-    runners = {v.name: gpt.variant_runner(ctx, v, threads=1) for v in variants}
+    runners = {v.name: AG.variant_runner(ctx, v, threads=1) for v in variants}
     prompts = gpt.heldout_prompts(8, gpt.REPORT_PROMPT_TOKENS)[:batch]
     per: dict[str, list[float]] = {n: [] for n in runners}
     for _ in range(rounds):
@@ -160,14 +161,15 @@ def decode_tok_s(ctx, variants, batch: int, rounds: int, new_tokens: int = 64) -
 
 def bar_gpt(quick: bool) -> dict:
     from deepship.models import gpt
+    from deepship.pipeline.arch import gpt as AG
 
     ctx = api.load("gpt")
-    fp32 = gpt.build_variant(ctx, "fp32-onnx")
-    int4 = gpt.build_variant(ctx, "int4-b32")
+    fp32 = AG.build_variant(ctx, "fp32-onnx")
+    int4 = AG.build_variant(ctx, "int4-b32")
     steps = [300] if quick else [300, 1000]
     chains = []
     for n in steps:
-        name = "pruned-structured-50" if n == gpt.PRUNE_FINETUNE_STEPS else f"pruned-structured-50-ft{n}"
+        name = "pruned-structured-50" if n == AG.PRUNE_FINETUNE_STEPS else f"pruned-structured-50-ft{n}"
         pv = ctx.build(name, "prune", "structured", {"sparsity": 0.5, "importance": "l2", "finetune_steps": n},
                        ctx.baseline())  # the report plan's parameters at 300 steps: the same cached variant
         chains.append((n, pv, *api.carry_on(ctx, pv, ["int4-weight-only"])))
@@ -182,7 +184,7 @@ def bar_gpt(quick: bool) -> dict:
         tv = next((c[1] for c in chains if v in c[2:]), None)
         out["variants"].append({
             "variant": v.name, "finetune_steps": tv.info["finetune"]["steps"] if tv else None,
-            "arch": gpt.variant_config(ctx, v).to_dict(), "parameters": (tv or ctx.baseline()).info.get("parameters"),
+            "arch": AG.variant_config(ctx, v).to_dict(), "parameters": (tv or ctx.baseline()).info.get("parameters"),
             "size_bytes": v.size_bytes(), "perplexity": ppl[v.name], "perplexity_change": ppl[v.name] - base,
             "decode_tok_s": {f"b{b}": round(tps[b][v.name], 1) for b in tps},
             "decode_speedup_vs_fp32_onnx": {f"b{b}": round(tps[b][v.name] / tps[b][fp32.name], 2) for b in tps}})

@@ -16,21 +16,42 @@ Example::
 """
 from __future__ import annotations
 
+import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .errors import OutputPathError, StageError
-from .models import resolve
-from .models.spec import ModelSpec
-from .pipeline.stages import ModelContext
-from .pipeline.variants import Variant
-from .utils import atomic_dir, atomic_file, ensure_dir
+import numpy as np
 
-QUANT_DEFAULT_PARAMS = {
-    "int8-static": {"calibration": "minmax", "per_channel": True},
-    "int4-weight-only": {"block_size": 32},
-}
+from .errors import InputSpecError, OutputPathError, StageError
+from .models import asr as A
+from .models import gpt as G
+from .models import resolve
+from .models.asr import data as S
+from .models.spec import ModelSpec
+from .pipeline import distill as D
+from .pipeline import prune as P
+from .pipeline.arch import asr as AA
+from .pipeline.arch import gpt as AG
+from .pipeline.check import Budget, load_budgets, load_report
+from .pipeline.check import check as _check
+from .pipeline.context import ModelContext
+from .pipeline.engines import engine_source
+from .pipeline.export import export_variant
+from .pipeline.quantize import QUANT_DEFAULT_PARAMS, quantize_variant  # noqa: F401  (part of the API)
+from .pipeline.report import run_report
+from .pipeline.stages import get_stage
+from .pipeline.variants import Variant
+from .pipeline.variants import publish as _publish
+from .runtimes import asr_stream
+from .runtimes.asr_stream import Stream
+from .runtimes.engines import get_backend
+from .runtimes.generate import check_max_new_tokens, check_prompt, speculative_generate
+from .runtimes.generate import generate as _generate
+from .runtimes.kvcache import KVLayout
+from .runtimes.sampling import Sampling
+from .utils import atomic_dir
 
 
 def load(ref: str | ModelSpec, inputs: Sequence[str] | None = None, weights: str | None = None,
@@ -42,23 +63,13 @@ def load(ref: str | ModelSpec, inputs: Sequence[str] | None = None, weights: str
     return ModelContext(spec, retrain=retrain)
 
 
-def _onnx_parent(ctx: ModelContext, opset: int | None = None) -> Variant:
-    base = ctx.baseline()
-    if base.format == "onnx":
-        return base
-    return export(ctx, opset=opset)
-
-
 def export(ctx: ModelContext, opset: int | None = None) -> Variant:
     """FP32 ONNX variant (dynamo exporter, named dynamic dims, parity at two shapes).
 
     Raises:
         ExportError: export or parity failed; StageError: the model is already ONNX.
     """
-    if not ctx.has_torch:
-        raise StageError(f"model '{ctx.spec.name}' is already ONNX; nothing to export")
-    params = {"opset": opset} if opset else {}
-    return ctx.build("fp32-onnx", "export", "onnx", params, ctx.baseline())
+    return export_variant(ctx, opset)
 
 
 def quantize(ctx: ModelContext, method: str, **params: Any) -> Variant:
@@ -68,24 +79,14 @@ def quantize(ctx: ModelContext, method: str, **params: Any) -> Variant:
     Raises:
         StageError: unknown method, or ``bf16`` on an ONNX-only model.
     """
-    from .pipeline.stages import get_stage
-
-    impl = get_stage("quantize", method)
-    p = {**QUANT_DEFAULT_PARAMS.get(method, {}), **{k: v for k, v in params.items() if v is not None}}
-    name = method if method != "bf16" else "bf16-torch"
-    if method == "int8-static" and p.get("calibration", "minmax") != "minmax":
-        name = f"int8-static-{p['calibration']}"
-    if impl.consumes == "torch":
-        if not ctx.has_torch:
-            raise StageError(f"{method} needs a torch model; '{ctx.spec.name}' is ONNX: use fp16 or int8-static")
-        return ctx.build(name, "quantize", method, p, ctx.baseline())
-    return ctx.build(name, "quantize", method, p, _onnx_parent(ctx))
+    return quantize_variant(ctx, method, **params)
 
 
 def engine(ctx: ModelContext, backend: str = "onnxruntime", precision: str = "fp32",
            source: Variant | None = None, **params: Any) -> Variant:
-    """Build an engine with ``backend`` from ``source`` (default: the backend's ``parent_for`` pick for
-    ``precision``, else the FP32 ONNX variant, or the torch model for ``inductor``).
+    """Build an engine with ``backend`` from ``source`` (default: :func:`deepship.pipeline.engines.engine_source`:
+    the FP32 ONNX variant, the FP16/INT8 ONNX variant the backend takes that precision from, or the
+    torch model for ``inductor``).
 
     ``params`` go to the backend: ``shapes`` (``{dim: (min, opt, max)}``), ``providers``
     (onnxruntime), ``device`` (inductor), ``calibration`` (tensorrt INT8), ...
@@ -93,8 +94,6 @@ def engine(ctx: ModelContext, backend: str = "onnxruntime", precision: str = "fp
     Raises:
         StageError: unknown or unavailable backend (with the install line), unsupported precision.
     """
-    from .runtimes.engines import get_backend
-
     b = get_backend(backend)
     ok, why = b.available()
     if not ok:
@@ -102,9 +101,7 @@ def engine(ctx: ModelContext, backend: str = "onnxruntime", precision: str = "fp
     if precision not in b.precisions:
         raise StageError(f"the {backend} engine builds {', '.join(b.precisions)}; got '{precision}'")
     params = {k: v for k, v in params.items() if v is not None}
-    if source is None and hasattr(b, "parent_for"):
-        source = b.parent_for(ctx, precision, params)
-    parent = source or (_onnx_parent(ctx) if b.consumes == "onnx" else ctx.baseline())
+    parent = source or engine_source(ctx, backend, precision, params)
     name = f"{backend}-engine" + ("" if parent.name in ("fp32-onnx", "fp32-torch") else f"-{parent.name}")
     if precision != parent.precision and not name.endswith(f"-{precision}"):
         name += f"-{precision}"
@@ -123,8 +120,6 @@ def prune(ctx: ModelContext, sparsity: float = 0.5, method: str = "structured", 
         StageError: ONNX-only model, an architecture that cannot be pruned (says why), bad sparsity,
             method or importance.
     """
-    from .pipeline import prune as P
-
     P.prunable(ctx, method, source)
     parent = source or ctx.baseline()
     params = {"sparsity": float(sparsity), "importance": importance or ("l2" if method == "structured" else "l1"),
@@ -146,8 +141,6 @@ def distill(ctx: ModelContext, student: str | None = None, temperature: float = 
         StageError: ONNX-only model, a student SPEC that does not fit, no training data, a task
             without a distillation loss.
     """
-    from .pipeline import distill as D
-
     if not ctx.has_torch:
         raise StageError(f"cannot distill '{ctx.spec.name}': it is an ONNX file; distillation needs the torch teacher")
     D.check_distillable(ctx)
@@ -164,50 +157,24 @@ def carry_on(ctx: ModelContext, source: Variant, quantize: Sequence[str] = ()) -
     Raises:
         StageError: an unknown quantize method; ExportError: export or parity failed.
     """
-    from .pipeline.prune import chain_entries, export_method
-    from .pipeline.stages import get_stage
-
     for m in quantize:
         get_stage("quantize", m)
     return [ctx.build(n, stage, method, params, parent)
-            for n, stage, method, params, parent in chain_entries(source.name, quantize, export_method(ctx.spec))]
+            for n, stage, method, params, parent in P.chain_entries(source.name, quantize, P.export_method(ctx))]
 
 
 def publish(v: Variant, dest: str | Path) -> list[Path]:
-    """Copy a variant's artifact out of the cache to ``dest`` (atomically).
-
-    An ``.onnx`` destination gets the model file (and ``DEST.data`` if it has external data);
-    any other destination is a folder that receives every artifact file.
+    """Copy a variant's artifact out of the cache to ``dest`` (atomically): see
+    :func:`deepship.pipeline.variants.publish`.
 
     Raises:
         OutputPathError: ``dest`` cannot be written.
     """
-    dest = Path(dest)
-    if v.path is None:
-        raise OutputPathError(f"variant {v.name} has no file to write")
-    if dest.suffix == ".onnx" and v.format == "onnx":
-        ensure_dir(dest.parent)
-        if len(v.files) > 1:  # external data: re-save so the location inside matches the new name
-            import onnx
-
-            from .exporters.onnx import save_onnx
-
-            return save_onnx(onnx.load(str(v.path)), dest)
-        with atomic_file(dest) as tmp:
-            shutil.copyfile(v.path, tmp)
-        return [dest]
-    if dest.exists() and not dest.is_dir():
-        raise OutputPathError(f"{dest} exists and is not a folder; give a folder or an .onnx path")
-    with atomic_dir(dest) as tmp:
-        for f in v.files:
-            shutil.copyfile(Path(v.dir) / f, tmp / f)
-    return [dest / f for f in v.files]
+    return _publish(v, dest)
 
 
 def report(models: Sequence[str | ModelSpec], out_dir: str | Path = "report", **kw: Any) -> dict:
     """Run :func:`deepship.pipeline.report.run_report` on model references or specs."""
-    from .pipeline.report import run_report
-
     specs = [m if isinstance(m, ModelSpec) else resolve(m) for m in models]
     return run_report(specs, out_dir=out_dir, **kw)
 
@@ -216,8 +183,6 @@ def check(report_path: str | Path, baseline_path: str | Path, budgets: str | Pat
           max_drop: float | None = None, max_rel_drop: float | None = None,
           latency_tolerance: float | None = None):
     """Run the CI gate; returns a :class:`deepship.pipeline.check.GateResult`."""
-    from .pipeline.check import Budget, check as _check, load_budgets, load_report
-
     r, b = load_report(report_path), load_report(baseline_path)
     dflt, per_metric, per_variant = load_budgets(budgets, Budget(max_drop, max_rel_drop, latency_tolerance))
     # flags override the file's [default]
@@ -241,7 +206,7 @@ def generate(model: str = "gpt", prompt: str | Sequence[int] = "", max_new_token
         variant: ``fp32-torch``, ``fp32-onnx``, ``int8-dynamic``, ``int4-b32``, ``int4-b128`` (aliases
             ``torch``, ``fp32``, ``int8``, ``int4``); built and cached on first use.
         speculative: draft with ``draft``, ``k`` tokens a round.
-        draft_variant: the draft's variant (default :data:`deepship.models.gpt.DRAFT_VARIANT`, INT8
+        draft_variant: the draft's variant (default :data:`deepship.pipeline.arch.gpt.DRAFT_VARIANT`, INT8
             dynamic; torch for a torch target).
         greedy: argmax decoding; else sampling with ``temperature``, ``top_k``, ``top_p`` and ``seed``.
         stop: strings that end generation; each must be one token of the tokenizer (e.g. ``"\\n"``).
@@ -259,16 +224,9 @@ def generate(model: str = "gpt", prompt: str | Sequence[int] = "", max_new_token
             a stop string that is not one token, draft and target vocabularies that differ.
         StageError: unknown variant; InputSpecError also for a model that is not a GPT decoder.
     """
-    import numpy as np
-
-    from .errors import InputSpecError
-    from .models import gpt as G
-    from .runtimes.generate import Sampling, check_max_new_tokens, check_prompt, speculative_generate
-    from .runtimes.generate import generate as _generate
-
     ctx = load(model)
     cfg = G.config_of(ctx.spec)
-    ids = check_prompt(G.encode(prompt) if isinstance(prompt, str) else prompt, cfg.layout())  # before any build
+    ids = check_prompt(G.encode(prompt) if isinstance(prompt, str) else prompt, KVLayout.of(cfg))  # before any build
     sampling = Sampling(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     sampling.check(cfg.vocab_size)
     check_max_new_tokens(max_new_tokens)
@@ -282,13 +240,13 @@ def generate(model: str = "gpt", prompt: str | Sequence[int] = "", max_new_token
         if dcfg.vocab_size != cfg.vocab_size:
             raise InputSpecError(f"draft '{draft}' has a vocabulary of {dcfg.vocab_size} tokens, target '{model}' "
                                  f"{cfg.vocab_size}; use a draft trained with the target's tokenizer")
-    v = G.build_variant(ctx, variant)
-    runner = G.variant_runner(ctx, v, threads=threads)
+    v = AG.build_variant(ctx, variant)
+    runner = AG.variant_runner(ctx, v, threads=threads)
     draft_name = None
     if dctx is not None:
         dv = (dctx.baseline() if v.format == "torch" and draft_variant is None
-              else G.build_variant(dctx, draft_variant or G.DRAFT_VARIANT))
-        drunner = G.variant_runner(dctx, dv, threads=threads)
+              else AG.build_variant(dctx, draft_variant or AG.DRAFT_VARIANT))
+        drunner = AG.variant_runner(dctx, dv, threads=threads)
         speculative_generate(runner, drunner, ids, min(max_new_tokens, 2 * int(k) + 2), k=k)  # warm-up
         res = speculative_generate(runner, drunner, ids, max_new_tokens, k=k, sampling=sampling, stop_tokens=stop_ids)
         draft_name = f"{draft}/{dv.name}"
@@ -303,7 +261,7 @@ def generate(model: str = "gpt", prompt: str | Sequence[int] = "", max_new_token
 
 
 #: short names accepted for the recognizer's variants (``optimize asr ... --variant``)
-ASR_VARIANT_ALIASES = {"torch": "fp32-torch", "fp32": "fp32-onnx", "onnx": "fp32-onnx", "int8": "int8-dynamic"}
+ASR_VARIANT_ALIASES = AA.VARIANT_ALIASES
 #: the deployed variant: INT8 dynamic quantizes the LSTM too (static QDQ leaves it FP32), so it is the
 #: smallest (1.4 MB against 1.9 MB) and kept FP32's CER on the held-out voices (benchmarks/asr.py)
 ASR_DEPLOY_VARIANT = "int8-dynamic"
@@ -349,9 +307,7 @@ def asr_variant(ctx: ModelContext, variant: str) -> Variant:
     Raises:
         StageError: an unknown variant name.
     """
-    from .models import asr as A
-
-    return ctx.build_planned(ASR_VARIANT_ALIASES.get(variant, variant), A._plan([]))
+    return AA.asr_variant(ctx, variant)
 
 
 def asr_bundle(out_dir: str | Path, variant: str = ASR_DEPLOY_VARIANT, measure: bool = True) -> dict[str, Any]:
@@ -369,11 +325,6 @@ def asr_bundle(out_dir: str | Path, variant: str = ASR_DEPLOY_VARIANT, measure: 
         StageError: the variant is not an ONNX variant of ``asr``.
         OutputPathError: ``out_dir`` exists and is not a folder.
     """
-    import json as _json
-
-    from .models import asr as A
-    from .runtimes import asr_stream
-
     ctx = load("asr")
     v = asr_variant(ctx, variant)
     if v.format != "onnx":
@@ -384,11 +335,11 @@ def asr_bundle(out_dir: str | Path, variant: str = ASR_DEPLOY_VARIANT, measure: 
     meas: dict[str, Any] = {}
     if measure:
         sess = ctx.session(v, threads=1)
-        meas = {"cer": round(A.evaluate_cer(sess)["cer"], 4), **A.measure_streaming(ctx, v, sess)}
+        meas = {"cer": round(AA.evaluate_cer(sess)["cer"], 4), **AA.measure_streaming(ctx, v, sess)}
     feats = {**A.feature_config(), "variant": v.name, "precision": v.precision, "measured": meas}
     with atomic_dir(dest) as tmp:
         shutil.copyfile(v.path, tmp / "model.onnx")
-        (tmp / "features.json").write_text(_json.dumps(feats, indent=1))
+        (tmp / "features.json").write_text(json.dumps(feats, indent=1))
         (tmp / "tokens.txt").write_text("".join(f"{'<space>' if t == ' ' else t} {i}\n" for i, t in enumerate(feats["tokens"])))
         shutil.copyfile(asr_stream.__file__, tmp / "asr_stream.py")
         m = (f"CER {meas['cer'] * 100:.2f}%, WER {meas['wer'] * 100:.2f}%, RTF {meas['rtf_1thread']:.4f} (1 thread), "
@@ -419,19 +370,13 @@ def transcribe(audio: str | Path, variant: str = ASR_DEPLOY_VARIANT, stream: boo
         DataError: missing, unreadable or empty file, NaN samples, or longer than 600 s without ``stream``.
         StageError: unknown variant.
     """
-    import time as _time
-
-    from .models import asr as A
-    from .models import speech as S
-    from .runtimes.asr_stream import Stream
-
     # the file is checked before anything is built
     samples = S.load_audio(audio) if not stream else S.check_audio_file(audio)
     ctx = load("asr")
     v = asr_variant(ctx, variant)
     sess = ctx.session(v, threads=threads)
-    st = Stream(sess, A.stream_config())
-    t0 = _time.perf_counter()
+    st = Stream(sess, AA.stream_config())
+    t0 = time.perf_counter()
     if not stream:
         st.accept_waveform(samples, S.SAMPLE_RATE)
     else:
@@ -442,7 +387,7 @@ def transcribe(audio: str | Path, variant: str = ASR_DEPLOY_VARIANT, stream: boo
                 last = st.partial_result()
                 on_partial(last)
     text = st.finalize(beam)
-    dt = _time.perf_counter() - t0
+    dt = time.perf_counter() - t0
     secs = st.audio_seconds
     return {"text": text, "seconds": round(secs, 3), "rtf": round(dt / secs, 4) if secs else None,
             "chunks": len(st.chunk_latencies_ms), "variant": v.name}

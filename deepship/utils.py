@@ -12,7 +12,12 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import OutputPathError
+from .errors import ArtifactError, OutputPathError
+
+
+def default_threads() -> int:
+    """Intra-op threads: ``$DEEPSHIP_THREADS`` or the number of cores."""
+    return int(os.environ.get("DEEPSHIP_THREADS", os.cpu_count() or 1))
 
 
 def cache_root() -> Path:
@@ -118,6 +123,28 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 def stable_hash(obj: Any) -> str:
     """A short (16 hex chars) hash of a JSON-serializable object, stable across runs."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_json_default).encode()).hexdigest()[:16]
+
+
+def check_onnx_file(path: str | os.PathLike) -> None:
+    """Check that an ONNX file exists, parses, and has its external-data files beside it.
+
+    Raises:
+        ArtifactError: missing file, corrupt protobuf, or missing external-data file (named).
+    """
+    import onnx
+
+    p = Path(path)
+    if not p.is_file():
+        raise ArtifactError(f"ONNX file {p} not found; check the path")
+    try:
+        m = onnx.load(str(p), load_external_data=False)
+    except Exception as e:
+        raise ArtifactError(f"{p} is not a valid ONNX model ({type(e).__name__}); re-export it") from None
+    for init in m.graph.initializer:
+        for kv in init.external_data:
+            if kv.key == "location" and not (p.parent / kv.value).is_file():
+                raise ArtifactError(f"external data file {p.parent / kv.value} for {p.name} is missing; "
+                                    "keep the .onnx and its .data file in the same folder")
 
 
 def dir_size_bytes(paths: list[Path]) -> int:

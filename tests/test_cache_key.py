@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from deepship.models.spec import METRICS, Dataset, ModelSpec, Split, TensorSpec
-from deepship.pipeline.stages import CALIBRATION_SAMPLES, get_stage, hash_dataset
+from deepship.pipeline.context import CALIBRATION_SAMPLES, hash_dataset
+from deepship.pipeline.stages import get_stage
 from deepship.pipeline.variants import baseline_key, variant_key
 
 names = st.from_regex(r"[a-z][a-z0-9_]{0,7}", fullmatch=True)
@@ -152,8 +153,11 @@ def byom(tmp_path, monkeypatch):
         "def build():\n"
         "    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),\n"
         "                         nn.Linear(4 * 14 * 14, 10))\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    # the CLI imports package.module:factory from the working folder; syspath_prepend is not used, as it
+    # restores all of sys.path afterwards and drops entries that libraries imported meanwhile appended
     monkeypatch.chdir(tmp_path)
+    if "" not in sys.path:
+        sys.path.insert(0, "")
     monkeypatch.setenv("DEEPSHIP_CACHE", str(tmp_path / "cache"))
     sys.modules.pop("byom_net", None)
     import byom_net

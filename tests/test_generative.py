@@ -12,6 +12,7 @@ from deepship.errors import DeepshipError, InputSpecError
 from deepship.models import generative as G
 from deepship.models.spec import check_inputs
 from deepship.models.train import build_model, train_model, trained_model
+from deepship.pipeline.arch import generative as AG
 from deepship.runtimes.session import TorchSession
 
 KINDS = ["gan", "ddpm", "flow"]
@@ -39,28 +40,28 @@ def test_frechet_distance_matches_closed_forms():
     a, b = rng.uniform(0.1, 3, d), rng.uniform(0.1, 3, d)
     # commuting (diagonal) covariances: |mu1 - mu2|^2 + sum (sqrt(a) - sqrt(b))^2
     want = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
-    assert G.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(want, rel=1e-9)
+    assert AG.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(want, rel=1e-9)
     # general covariances: the textbook formula with scipy.linalg.sqrtm of the product
     from scipy import linalg
 
     m1, m2 = rng.normal(size=(d, d)), rng.normal(size=(d, d))
     s1, s2 = m1 @ m1.T + 0.1 * np.eye(d), m2 @ m2.T + 0.1 * np.eye(d)
     ref = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * np.real(linalg.sqrtm(s1 @ s2)))
-    assert G.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(ref, rel=1e-7)
-    assert G.frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0.0, abs=1e-7)
+    assert AG.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(ref, rel=1e-7)
+    assert AG.frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0.0, abs=1e-7)
     # 1-D: (m1 - m2)^2 + (s1 - s2)^2 for standard deviations s1, s2
-    assert G.frechet_distance([1.0], [[4.0]], [3.0], [[9.0]]) == pytest.approx(4.0 + 1.0)
+    assert AG.frechet_distance([1.0], [[4.0]], [3.0], [[9.0]]) == pytest.approx(4.0 + 1.0)
     # singular covariances (dead ReLU units) stay finite and symmetric
     s1[0], s1[:, 0] = 0.0, 0.0
-    f = G.frechet_distance(mu1, s1, mu2, s2)
-    assert np.isfinite(f) and f == pytest.approx(G.frechet_distance(mu2, s2, mu1, s1), rel=1e-6)
+    f = AG.frechet_distance(mu1, s1, mu2, s2)
+    assert np.isfinite(f) and f == pytest.approx(AG.frechet_distance(mu2, s2, mu1, s1), rel=1e-6)
     with pytest.raises(InputSpecError, match="covariances"):
-        G.frechet_distance(mu1, s1, mu2[:3], s2)
+        AG.frechet_distance(mu1, s1, mu2[:3], s2)
 
 
 def test_real_floor_is_far_below_noise():
-    floor = G.real_floor()
-    noise = G.score(np.random.default_rng(0).random((450, 1, 8, 8), dtype=np.float32), G.eval_labels())
+    floor = AG.real_floor()
+    noise = AG.score(np.random.default_rng(0).random((450, 1, 8, 8), dtype=np.float32), AG.eval_labels())
     assert 0 < floor < 0.1 * noise["frechet"]
     assert noise["class_acc"] < 0.3
 
@@ -68,17 +69,17 @@ def test_real_floor_is_far_below_noise():
 # ---- samplers -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("call, match", [
-    (lambda: G.sample_ddpm(_Zeros(), G.eval_labels(1), steps=0), "positive integer"),
-    (lambda: G.sample_ddpm(_Zeros(), G.eval_labels(1), steps=-3), "positive integer"),
-    (lambda: G.sample_ddpm(_Zeros(), G.eval_labels(1), steps=2.5), "positive integer"),
-    (lambda: G.sample_ddpm(_Zeros(), G.eval_labels(1), steps=G.T_STEPS + 1), "at most 1000"),
-    (lambda: G.sample_ddpm(_Zeros(), G.eval_labels(1), steps=5, eta=-1.0), "eta"),
-    (lambda: G.sample_flow(_Zeros(), G.eval_labels(1), steps=0), "positive integer"),
-    (lambda: G.sample_flow(_Zeros(), G.eval_labels(1), steps=4, method="rk4"), "euler or midpoint"),
+    (lambda: G.sample_ddpm(_Zeros(), AG.eval_labels(1), steps=0), "positive integer"),
+    (lambda: G.sample_ddpm(_Zeros(), AG.eval_labels(1), steps=-3), "positive integer"),
+    (lambda: G.sample_ddpm(_Zeros(), AG.eval_labels(1), steps=2.5), "positive integer"),
+    (lambda: G.sample_ddpm(_Zeros(), AG.eval_labels(1), steps=G.T_STEPS + 1), "at most 1000"),
+    (lambda: G.sample_ddpm(_Zeros(), AG.eval_labels(1), steps=5, eta=-1.0), "eta"),
+    (lambda: G.sample_flow(_Zeros(), AG.eval_labels(1), steps=0), "positive integer"),
+    (lambda: G.sample_flow(_Zeros(), AG.eval_labels(1), steps=4, method="rk4"), "euler or midpoint"),
     (lambda: G.sample_gan(_Zeros(), np.array([3, 10])), "0..9"),
     (lambda: G.sample_flow(_Zeros(), np.zeros((2, 2), np.int64)), "1-D integer"),
     (lambda: G.sample_gan(_Zeros(), np.array([0.5, 1.0])), "1-D integer"),
-    (lambda: G.sample("vae", _Zeros(), G.eval_labels(1)), "unknown generative model"),
+    (lambda: AG.sample("vae", _Zeros(), AG.eval_labels(1)), "unknown generative model"),
 ])
 def test_sampler_errors_are_one_line(call, match):
     with pytest.raises(InputSpecError, match=match) as e:
@@ -87,7 +88,7 @@ def test_sampler_errors_are_one_line(call, match):
 
 
 def test_samplers_shapes_range_and_seeds():
-    y = G.eval_labels(2)
+    y = AG.eval_labels(2)
     for fn in (lambda s: G.sample_ddpm(_Zeros(), y, steps=3, seed=s, eta=1.0),
                lambda s: G.sample_flow(_Zeros(), y, steps=2, seed=s, method="midpoint")):
         a, b, c = fn(0), fn(0), fn(1)
@@ -136,7 +137,7 @@ def test_committed_model_exports_and_int8_is_scored(zoo_ctx, kind):
     q = api.quantize(ctx, "int8-static")
     assert q.info["nodes"]["quantized"]
     sess = ctx.session(q, threads=1)
-    r = G.evaluate_samples(kind, sess, steps=None if kind == "gan" else 5, per_class=10)
+    r = AG.evaluate_samples(kind, sess, steps=None if kind == "gan" else 5, per_class=10)
     assert np.isfinite(r["frechet"]) and r["frechet"] > 0 and 0 <= r["class_acc"] <= 1
     # the representative data fits the graph (INT8 calibration and timing inputs)
     ds = ctx.dataset()
@@ -150,9 +151,9 @@ def test_trained_model_beats_untrained_and_is_conditional(kind):
     spec = SPECS[kind]()
     model, info = trained_model(spec)
     steps = {"gan": None, "ddpm": 10, "flow": 4}[kind]
-    trained = G.evaluate_samples(kind, _session(spec, model), steps=steps, per_class=20)
+    trained = AG.evaluate_samples(kind, _session(spec, model), steps=steps, per_class=20)
     torch.manual_seed(0)
-    untrained = G.evaluate_samples(kind, _session(spec, build_model(spec)), steps=steps, per_class=20)
+    untrained = AG.evaluate_samples(kind, _session(spec, build_model(spec)), steps=steps, per_class=20)
     assert trained["frechet"] < 0.25 * untrained["frechet"]
     assert trained["class_acc"] > 0.7  # chance is 0.1
-    assert trained["frechet"] > G.real_floor() * 0.5  # sanity: not below what real digits get
+    assert trained["frechet"] > AG.real_floor() * 0.5  # sanity: not below what real digits get

@@ -11,7 +11,10 @@ import torch
 
 from deepship.errors import InputSpecError
 from deepship.models import gpt as G
+from deepship.pipeline.arch import gpt as AG
 from deepship.runtimes import generate as R
+from deepship.runtimes import kvcache as K
+from deepship.runtimes import sampling as Smp
 from deepship.runtimes.session import OrtSession, TorchSession
 
 TINY = G.GPTConfig(vocab_size=1024, context=64, n_layer=2, n_head=2, d_model=32)
@@ -42,7 +45,8 @@ def exported(tiny, tmp_path_factory):
     from deepship.exporters.kv import export_kv
 
     d = tmp_path_factory.mktemp("kv")
-    res = export_kv(tiny, TINY, d, prompt=np.random.default_rng(0).integers(0, 1024, (2, 16)))
+    res = export_kv(tiny, TINY, d)
+    res.parity = AG.check_kv_export(tiny, TINY, res, prompt=np.random.default_rng(0).integers(0, 1024, (2, 16)))
     return res
 
 
@@ -95,24 +99,24 @@ def test_kv_cache_decode_equals_full_recompute(tiny):
 
 def test_generation_runners_agree_torch_and_onnx(tiny, exported):
     prompt = np.random.default_rng(2).integers(0, 1024, (2, 7))
-    layout = TINY.layout()
+    layout = K.KVLayout.of(TINY)
     dec, pre = OrtSession(exported.decode, threads=1), OrtSession(exported.prefill, threads=1)
-    runners = {"torch-arrays": R.make_runner(_torch_session(tiny), layout),
-               "ort-arrays": R.make_runner(dec, layout, mode="arrays"),
-               "ort-iobinding": R.make_runner(dec, layout, pre, mode="iobinding"),
-               "ort-iobinding-no-prefill": R.make_runner(dec, layout, mode="iobinding"),
-               "ort-auto": R.make_runner(dec, layout, pre),
-               "recompute": R.make_runner(dec, layout, pre, mode="recompute")}
+    runners = {"torch-arrays": K.make_runner(_torch_session(tiny), layout),
+               "ort-arrays": K.make_runner(dec, layout, mode="arrays"),
+               "ort-iobinding": K.make_runner(dec, layout, pre, mode="iobinding"),
+               "ort-iobinding-no-prefill": K.make_runner(dec, layout, mode="iobinding"),
+               "ort-auto": K.make_runner(dec, layout, pre),
+               "recompute": K.make_runner(dec, layout, pre, mode="recompute")}
     outs = {k: R.generate(r, prompt, 30).tokens for k, r in runners.items()}
     for k, v in outs.items():
         assert v.shape == (2, 30)
         np.testing.assert_array_equal(v, outs["torch-arrays"], err_msg=k)
-    assert isinstance(runners["ort-iobinding"], R.IOBindingKVRunner)
+    assert isinstance(runners["ort-iobinding"], K.IOBindingKVRunner)
 
 
 def test_generate_limits_stops_and_context(tiny):
-    layout = TINY.layout()
-    r = R.make_runner(_torch_session(tiny), layout)
+    layout = K.KVLayout.of(TINY)
+    r = K.make_runner(_torch_session(tiny), layout)
     ref = R.generate(r, [5, 6, 7], 20).row(0)
     stop = int(ref[4])
     res = R.generate(r, [5, 6, 7], 20, stop_tokens=[stop])
@@ -120,20 +124,20 @@ def test_generate_limits_stops_and_context(tiny):
     assert res.finish_reasons == ["stop"] and res.lengths[0] == first + 1 and res.row(0)[-1] == stop
     res = R.generate(r, np.arange(60), 50)  # 60-token prompt, context 64: 5 new tokens fit
     assert res.finish_reasons == ["context"] and res.lengths[0] == 5
-    res = R.generate(r, [1, 2], 8, R.Sampling(greedy=False, temperature=0.8, top_k=20, top_p=0.9, seed=3))
-    again = R.generate(r, [1, 2], 8, R.Sampling(greedy=False, temperature=0.8, top_k=20, top_p=0.9, seed=3))
+    res = R.generate(r, [1, 2], 8, Smp.Sampling(greedy=False, temperature=0.8, top_k=20, top_p=0.9, seed=3))
+    again = R.generate(r, [1, 2], 8, Smp.Sampling(greedy=False, temperature=0.8, top_k=20, top_p=0.9, seed=3))
     np.testing.assert_array_equal(res.tokens, again.tokens)  # seeded
 
 
 def test_top_k_top_p_filters():
     logits = np.log(np.array([[0.5, 0.2, 0.15, 0.1, 0.05]]))
-    p = R.probabilities(logits, R.Sampling(greedy=False, top_k=2))
+    p = Smp.probabilities(logits, Smp.Sampling(greedy=False, top_k=2))
     np.testing.assert_allclose(p, [[0.5 / 0.7, 0.2 / 0.7, 0, 0, 0]], atol=1e-12)
-    p = R.probabilities(logits, R.Sampling(greedy=False, top_p=0.8))  # 0.5+0.2 < 0.8 -> keep 3
+    p = Smp.probabilities(logits, Smp.Sampling(greedy=False, top_p=0.8))  # 0.5+0.2 < 0.8 -> keep 3
     np.testing.assert_allclose(p, [[0.5 / 0.85, 0.2 / 0.85, 0.15 / 0.85, 0, 0]], atol=1e-12)
-    p = R.probabilities(logits, R.Sampling(greedy=False, top_p=0.3))  # the top token alone
+    p = Smp.probabilities(logits, Smp.Sampling(greedy=False, top_p=0.3))  # the top token alone
     np.testing.assert_allclose(p, [[1, 0, 0, 0, 0]], atol=1e-12)
-    assert R.probabilities(logits, R.Sampling()).argmax() == 0
+    assert Smp.probabilities(logits, Smp.Sampling()).argmax() == 0
 
 
 # ---- ONNX export ------------------------------------------------------------------------------------
@@ -171,12 +175,12 @@ def test_onnx_parity_prefill_and_32_decode_steps(exported):
 
 def test_speculative_greedy_equals_target_greedy_tiny_onnx(tiny, exported):
     """Cache rollback (IOBinding ping-pong buffers and arrays): a weak draft makes many rejections."""
-    layout = TINY.layout()
+    layout = K.KVLayout.of(TINY)
     dec, pre = OrtSession(exported.decode, threads=1), OrtSession(exported.prefill, threads=1)
-    draft = R.make_runner(_torch_session(_tiny(TINY_DRAFT, 5)), TINY_DRAFT.layout())
+    draft = K.make_runner(_torch_session(_tiny(TINY_DRAFT, 5)), K.KVLayout.of(TINY_DRAFT))
     prompt = np.random.default_rng(4).integers(0, 1024, 9)
     for mode in ("iobinding", "arrays"):
-        target = R.make_runner(dec, layout, pre, mode=mode)
+        target = K.make_runner(dec, layout, pre, mode=mode)
         ref = R.generate(target, prompt, 40).row(0)
         for k in (1, 3, 6):
             res = R.speculative_generate(target, draft, prompt, 40, k=k)
@@ -189,10 +193,10 @@ def test_greedy_proposer_equals_k_decode_steps(exported):
     import onnx
 
     from deepship.errors import ExportError
-    from deepship.exporters.kv import greedy_proposer
+    from deepship.runtimes.proposer import greedy_proposer
 
     dec = OrtSession(exported.decode, threads=1)
-    layout = TINY.layout()
+    layout = K.KVLayout.of(TINY)
     rng = np.random.default_rng(3)
     past = {n: rng.standard_normal((2, layout.n_head, 7, layout.head_dim)).astype(np.float32) for n in layout.past_names}
     ids = rng.integers(0, 1024, (2, 3))
@@ -221,9 +225,9 @@ def test_speculative_fused_proposals_keep_the_target_greedy_output(tiny, exporte
     generation limit that leaves a last round shorter than k (served by the larger graph, cut back)."""
     dec = OrtSession(exported.decode, threads=1)
     prompt = np.random.default_rng(4).integers(0, 1024, 9)
-    target = R.make_runner(_torch_session(_tiny(TINY, 7)), TINY.layout())
-    draft = R.make_runner(dec, TINY.layout())
-    step_draft = R.ArrayKVRunner(dec, TINY.layout(), fuse_proposals=False)
+    target = K.make_runner(_torch_session(_tiny(TINY, 7)), K.KVLayout.of(TINY))
+    draft = K.make_runner(dec, K.KVLayout.of(TINY))
+    step_draft = K.ArrayKVRunner(dec, K.KVLayout.of(TINY), fuse_proposals=False)
     ref = R.generate(target, prompt, 45).row(0)
     for k in (1, 3, 6):
         res = R.speculative_generate(target, draft, prompt, 45, k=k)
@@ -232,13 +236,13 @@ def test_speculative_fused_proposals_keep_the_target_greedy_output(tiny, exporte
         steps = R.speculative_generate(target, step_draft, prompt, 45, k=k)  # same proposals, k calls each
         assert (steps.proposed, steps.accepted) == (res.proposed, res.accepted)
     assert draft._proposers.get(3) is not None and draft._proposers.get(6) is not None  # fused graphs were used
-    assert R.make_runner(dec, TINY.layout())._proposers is draft._proposers  # built once per session
-    assert R.ArrayKVRunner(_torch_session(tiny), TINY.layout())._proposers == {}  # torch: the step loop
+    assert K.make_runner(dec, K.KVLayout.of(TINY))._proposers is draft._proposers  # built once per session
+    assert K.ArrayKVRunner(_torch_session(tiny), K.KVLayout.of(TINY))._proposers == {}  # torch: the step loop
     # a smaller k is served by the k=3 graph and cut back: same tokens and cache as 2 step calls
     for r in (draft, step_draft):
         r.reset(1)
         r.forward(prompt[None, :5])
-    greedy = R.Sampling()
+    greedy = Smp.Sampling()
     got, want = (r.propose(prompt[None, 5:], 2, greedy, np.random.default_rng(0)) for r in (draft, step_draft))
     assert got == want and draft.length == step_draft.length == 9 + 1 and 2 not in draft._proposers
     for a, b in zip(draft.cache, step_draft.cache):
@@ -247,8 +251,8 @@ def test_speculative_fused_proposals_keep_the_target_greedy_output(tiny, exporte
 
 def test_speculative_greedy_equals_target_greedy_on_real_prompts(trained):
     target, tcfg, draft, dcfg = trained
-    t = R.make_runner(_torch_session(target), tcfg.layout())
-    d = R.make_runner(_torch_session(draft), dcfg.layout())
+    t = K.make_runner(_torch_session(target), K.KVLayout.of(tcfg))
+    d = K.make_runner(_torch_session(draft), K.KVLayout.of(dcfg))
     prompts = ["ROMEO:\nBut soft, what light", "KING HENRY VI:\nWhat says my lord of Warwick?",
                G.shakespeare_text()[1][1000:1200]]
     acc = []
@@ -263,13 +267,13 @@ def test_speculative_greedy_equals_target_greedy_on_real_prompts(trained):
     assert 0.0 < min(acc) and max(acc) <= 1.0
 
 
-class _TableRunner(R.KVRunner):
+class _TableRunner(K.KVRunner):
     """A toy 'model' over a small vocabulary: next-token logits are a table row picked by the last
     token (a bigram model). Cache = the token history, so truncation is exact."""
 
     def __init__(self, table: np.ndarray, context: int = 64):
         self.table = table
-        self.layout = R.KVLayout(1, 1, 1, table.shape[0], context)
+        self.layout = K.KVLayout(1, 1, 1, table.shape[0], context)
 
     def reset(self, batch):
         self.batch, self.length, self.hist = batch, 0, np.zeros((batch, 0), np.int64)
@@ -294,10 +298,10 @@ def test_speculative_sampling_keeps_the_target_distribution():
     rng = np.random.default_rng(0)
     tgt = rng.normal(0, 1.5, (V, V))
     drf = tgt + rng.normal(0, 1.5, (V, V))
-    sampling = R.Sampling(greedy=False, temperature=1.0)
+    sampling = Smp.Sampling(greedy=False, temperature=1.0)
 
     def exact(table):
-        p = R.probabilities(table, sampling)  # row = last token
+        p = Smp.probabilities(table, sampling)  # row = last token
         out = np.zeros((V, V, V))
         for a in range(V):
             for b in range(V):
@@ -309,7 +313,7 @@ def test_speculative_sampling_keeps_the_target_distribution():
     counts = np.zeros(V ** 3)
     t, d = _TableRunner(tgt), _TableRunner(drf)
     for i in range(n):
-        res = R.speculative_generate(t, d, [1], 3, k=2, sampling=R.Sampling(greedy=False, seed=i))
+        res = R.speculative_generate(t, d, [1], 3, k=2, sampling=Smp.Sampling(greedy=False, seed=i))
         a, b, c = res.row(0)
         counts[(a * V + b) * V + c] += 1
     p_target, p_draft = exact(tgt), exact(drf)
@@ -320,16 +324,16 @@ def test_speculative_sampling_keeps_the_target_distribution():
 # ---- bad input ---------------------------------------------------------------------------------------
 
 def test_bad_input_errors(tiny):
-    layout = TINY.layout()
-    r = R.make_runner(_torch_session(tiny), layout)
-    d = R.make_runner(_torch_session(_tiny(TINY_DRAFT, 1)), TINY_DRAFT.layout())
+    layout = K.KVLayout.of(TINY)
+    r = K.make_runner(_torch_session(tiny), layout)
+    d = K.make_runner(_torch_session(_tiny(TINY_DRAFT, 1)), K.KVLayout.of(TINY_DRAFT))
     cases = [
         (lambda: R.generate(r, [], 5), "empty"),
         (lambda: R.generate(r, np.arange(64) % 1000, 5), "context"),
         (lambda: R.generate(r, [3, 1024], 5), "unknown token id 1024"),
         (lambda: R.generate(r, [3, -1], 5), "unknown token id -1"),
         (lambda: R.generate(r, [3], 0), "max-new-tokens"),
-        (lambda: R.generate(r, [3], 5, R.Sampling(greedy=False, top_p=1.5)), "top-p"),
+        (lambda: R.generate(r, [3], 5, Smp.Sampling(greedy=False, top_p=1.5)), "top-p"),
         (lambda: R.speculative_generate(r, d, [3], 5, k=0), "--k 0"),
         (lambda: R.speculative_generate(r, d, [3], 5, k=-2), "--k -2"),
         (lambda: R.speculative_generate(r, d, [[3], [4]], 5, k=2), "one prompt at a time"),
@@ -366,10 +370,10 @@ def test_zoo_specs_and_bigram_reference():
     assert [t.name for t in spec.inputs] == G.input_names(G.TARGET)
     assert G.config_of(dspec).vocab_size == G.config_of(spec).vocab_size
     assert G.config_of(dspec).n_layer < G.config_of(spec).n_layer
-    plan = spec.plan([])
+    plan = AG.plan(spec, [])
     assert [p[0] for p in plan] == ["fp32-onnx", "int8-dynamic", "int4-b32", "int4-b128", "pruned-structured-50",
                                     "pruned-structured-50-onnx", "pruned-structured-50-int4-b32"]
-    assert [p[0] for p in dspec.plan([])] == ["fp32-onnx", "int8-dynamic", "int4-b32", "int4-b128"]
+    assert [p[0] for p in AG.plan(dspec, [])] == ["fp32-onnx", "int8-dynamic", "int4-b32", "int4-b128"]
     b = G.bigram_baseline()
     assert b["metric"] == "perplexity" and 10 < b["value"] < G.TARGET.vocab_size
 

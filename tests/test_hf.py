@@ -13,6 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from deepship import api  # noqa: E402
 from deepship.errors import UnknownModelError  # noqa: E402
 from deepship.models import hf, resolve  # noqa: E402
+from deepship.pipeline.arch import hf as AH  # noqa: E402
 
 SENTENCES = ["The quick brown fox jumps over the lazy dog.", "To be, or not to be: that is the question.",
              "A short one.", "Python's standard library is very extensive."]
@@ -111,7 +112,7 @@ def test_minilm_export_equals_sentence_transformers():
     ctx = api.load("bert")
     assert ctx.spec.recipe is None and ctx.spec.source == "hf"
     v = api.export(ctx)
-    got = hf.embed(OrtSession(v.path, threads=2), ctx.spec.extra["path"], SENTENCES)
+    got = AH.embed(OrtSession(v.path, threads=2), ctx.spec.extra["path"], SENTENCES)
     st = SentenceTransformer(str(hf.minilm_path()), device="cpu").encode(SENTENCES, convert_to_numpy=True)
     assert got.shape == (len(SENTENCES), 384)
     np.testing.assert_allclose(got, st, atol=2e-5)
@@ -123,15 +124,15 @@ def test_minilm_int8_variant_cosine_and_recall():
     from deepship.runtimes.session import OrtSession, TorchSession
 
     ctx = api.load("bert")
-    v = ctx.build_planned("int8-fused-dynamic", hf.BERT_PLAN)
+    v = ctx.build_planned("int8-fused-dynamic", AH.BERT_PLAN)
     assert ctx.get("fp32-fused").info["fusions"]["Attention"] == 6
     assert v.info["nodes"]["quantized"]
     s = hf.sentences()
     texts = s["corpus"][:250] + s["queries"][:80]
     path = ctx.spec.extra["path"]
-    ref = hf.embed(TorchSession(ctx.module(), ["input_ids", "attention_mask"], ctx.spec.output_names, threads=2),
+    ref = AH.embed(TorchSession(ctx.module(), ["input_ids", "attention_mask"], ctx.spec.output_names, threads=2),
                    path, texts)
-    m = hf.embedding_metrics(hf.embed(OrtSession(v.path, threads=2), path, texts), ref, 250)
+    m = hf.embedding_metrics(AH.embed(OrtSession(v.path, threads=2), path, texts), ref, 250)
     assert m["cosine"] >= 0.98 and m["min_cosine"] >= 0.9 and m["recall@1"] >= 0.6, m
 
 

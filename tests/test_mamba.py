@@ -13,6 +13,7 @@ import torch
 from deepship.errors import InputSpecError
 from deepship.models import gpt as G
 from deepship.models import mamba as M
+from deepship.pipeline.arch import mamba as AM
 from deepship.runtimes.session import OrtSession, TorchSession
 
 TINY = M.MambaConfig(n_layer=2, d_model=32, head_dim=16, d_state=8, chunk=8)
@@ -48,12 +49,16 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def exported(tiny, tmp_path_factory):
+    from deepship.exporters.mamba import export_step_graph
     from deepship.exporters.onnx import export_onnx
+    from deepship.pipeline.parity import parity
 
     d = tmp_path_factory.mktemp("mamba")
     spec = M.mamba_spec()
     whole = export_onnx(tiny, spec, d / "model.onnx")
-    step = M.export_step_graph(tiny, d / "step.onnx", steps=32)
+    whole.parity = parity(tiny, spec, whole.path)
+    res = export_step_graph(tiny, d / "step.onnx")
+    step = {"path": res.path, **AM.check_step_graph(tiny, res.path, steps=32)}
     return whole, step
 
 
@@ -124,7 +129,7 @@ def test_step_recurrence_and_prefill_equal_whole_sequence(tiny):
     torch.testing.assert_close(shifted, full, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
     # streaming from zero states through the torch step session gives the same logits
-    logits, _ = M.stream_logits(M.step_session_torch(tiny, threads=1), TINY, ids.numpy())
+    logits, _ = M.stream_logits(AM.step_session_torch(tiny, threads=1), TINY, ids.numpy())
     np.testing.assert_allclose(logits, full.numpy(), atol=1e-5, rtol=1e-5)
     shapes = M.state_shapes(TINY, 3)
     assert [tuple(s.shape) for s in states] == list(shapes.values())
@@ -167,7 +172,7 @@ def test_step_graph_onnx_matches_over_32_steps(tiny, exported):
     sess = OrtSession(step["path"], threads=1)
     prompt = np.array([[5, 6, 7, 8], [9, 10, 11, 12]])
     out = M.generate(sess, TINY, prompt, 12)
-    np.testing.assert_array_equal(out, M.generate(M.step_session_torch(tiny, threads=1), TINY, prompt, 12))
+    np.testing.assert_array_equal(out, M.generate(AM.step_session_torch(tiny, threads=1), TINY, prompt, 12))
     seq = np.concatenate([prompt, out[:, :-1]], 1)
     with torch.no_grad():
         ref = tiny(torch.from_numpy(seq))[0].numpy()[:, prompt.shape[1] - 1:].argmax(-1)
@@ -185,7 +190,7 @@ def test_spec_and_plan():
     spec = resolve("mamba")
     assert spec.metric.name == "perplexity" and not spec.metric.higher_is_better
     assert [t.describe() for t in spec.inputs] == ["input_ids:int64[batch,seq]"] and spec.output_names == ["logits"]
-    assert [p[0] for p in spec.plan([])] == ["fp32-onnx", "int8-dynamic", "int4-b32"]
+    assert [p[0] for p in AM.plan(spec, [])] == ["fp32-onnx", "int8-dynamic", "int4-b32"]
     ds = spec.data()
     assert list(ds.test.inputs) == ["input_ids"] and ds.test.inputs["input_ids"].shape == (G.REPORT_PROMPTS, 64)
     assert 1.2e6 < sum(p.numel() for p in M.build().parameters()) < 1.6e6  # about the GPT's 1.37M

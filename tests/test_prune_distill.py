@@ -17,9 +17,9 @@ os.environ.setdefault("DEEPSHIP_CACHE", tempfile.mkdtemp(prefix="deepship-prune-
 
 from deepship import api  # noqa: E402
 from deepship.errors import StageError  # noqa: E402
+from deepship.models import losses as L  # noqa: E402
 from deepship.pipeline import distill as D  # noqa: E402
 from deepship.pipeline import prune as P  # noqa: E402
-
 
 # ---- user-model factories for the CLI (importable as test_prune_distill:NAME) -----------------------
 
@@ -116,7 +116,7 @@ def test_rnn_hidden_units_removed_and_export_parity(ctxs, cell):
 def test_rnn_pruner_keeps_the_right_gate_rows(cls):
     """Units whose every weight is zero contribute nothing; removing exactly them leaves the output unchanged,
     which fails if any gate block of weight_ih/weight_hh/biases is indexed wrongly."""
-    from deepship.models.zoo import RNNForecaster
+    from deepship.models.rnn import RNNForecaster
 
     torch.manual_seed(0)
     m = RNNForecaster("lstm" if cls is nn.LSTM else "gru", hidden=8).eval()
@@ -165,11 +165,12 @@ def test_gpt_heads_and_mlp_width_pruned_then_exported_with_the_kv_cache(ctxs):
     import copy
 
     from deepship.models import gpt
+    from deepship.pipeline.arch import gpt as AG
 
     ctx = ctxs("gpt")
     m0 = ctx.module()
-    m, info = P.structured_prune(copy.deepcopy(m0).float().eval(), P._example_args(ctx), 0.5)
-    assert gpt.pruned_arch(m) == {"n_head": 2, "head_size": 32, "d_mlp": 256} and m.cfg.n_head == 2
+    m, info = P.structured_prune(copy.deepcopy(m0).float().eval(), P.stages._example_args(ctx), 0.5)
+    assert AG.pruned_arch(m) == {"n_head": 2, "head_size": 32, "d_mlp": 256} and m.cfg.n_head == 2
     assert info["parameters"] < 0.6 * info["parameters_before"]
     assert m.blocks[0].ln1.normalized_shape == (128,) and m.tok_emb.weight.shape == (1024, 128)  # residual kept
     x = torch.from_numpy(gpt.corpus()[1][:96][None])
@@ -180,7 +181,7 @@ def test_gpt_heads_and_mlp_width_pruned_then_exported_with_the_kv_cache(ctxs):
     assert v.info["arch"]["n_head"] == 2 and v.info["finetune"]["steps"] == 4
     onnx_v, int4 = api.carry_on(ctx, v, ["int4-weight-only"])
     assert onnx_v.method == "onnx-kv" and onnx_v.info["parity"]["ok"] and onnx_v.info["parity_steps"]
-    assert gpt.variant_config(ctx, int4).n_head == 2
+    assert AG.variant_config(ctx, int4).n_head == 2
     ids = gpt.corpus()[1][:1500]
     ppl = {w.name: gpt.perplexity(ctx.session(w), gpt.TARGET, ids=ids) for w in (v, onnx_v, int4)}
     assert abs(ppl[onnx_v.name] - ppl[v.name]) < 1e-3 * ppl[v.name]
@@ -188,7 +189,7 @@ def test_gpt_heads_and_mlp_width_pruned_then_exported_with_the_kv_cache(ctxs):
     assert ppl[v.name] < gpt.bigram_baseline()["value"]
     from deepship.runtimes.generate import generate
 
-    runner = gpt.variant_runner(ctx, int4)
+    runner = AG.variant_runner(ctx, int4)
     assert runner.layout.n_head == 2 and generate(runner, ids[None, :16], 8).tokens.shape[1] >= 1
 
 
@@ -228,13 +229,13 @@ def test_hinton_loss_matches_hand_computed_value():
     pt = [1.0 / (1.0 + math.exp(0.5)), math.exp(0.5) / (1.0 + math.exp(0.5))]  # softmax(t / tau)
     kl = sum(a * math.log(a / b) for a, b in zip(pt, ps))  # KL(teacher || student)
     expected = alpha * ce + (1 - alpha) * tau ** 2 * kl
-    got = D.hinton_loss(torch.tensor([s]), torch.tensor([t]), torch.tensor([y]), tau, alpha)
+    got = L.hinton_loss(torch.tensor([s]), torch.tensor([t]), torch.tensor([y]), tau, alpha)
     assert abs(float(got) - expected) < 1e-5
     # by hand: CE = ln(1 + e^-2) = 0.126928; KL = 0.377541 ln(0.377541/0.731059) + 0.622459 ln(0.622459/0.268941)
     # = 0.272867; loss = 0.3 * 0.126928 + 0.7 * 4 * 0.272867 = 0.80212
     assert abs(expected - 0.80212) < 1e-4
     # alpha = 1 is plain cross-entropy (the student trained without the teacher)
-    assert abs(float(D.hinton_loss(torch.tensor([s]), torch.tensor([t]), torch.tensor([y]), tau, 1.0)) - ce) < 1e-6
+    assert abs(float(L.hinton_loss(torch.tensor([s]), torch.tensor([t]), torch.tensor([y]), tau, 1.0)) - ce) < 1e-6
 
 
 def test_token_kd_masks_padding_and_regression_loss():
@@ -242,11 +243,11 @@ def test_token_kd_masks_padding_and_regression_loss():
     s, t = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
     y = torch.tensor([[1, 2, -100], [0, -100, -100]])
     keep = y.reshape(-1) != -100
-    want = D.hinton_loss(s.reshape(-1, 5)[keep], t.reshape(-1, 5)[keep], y.reshape(-1)[keep], 3.0, 0.2)
-    assert torch.allclose(D.token_kd_loss(s, t, y, 3.0, 0.2), want)
+    want = L.hinton_loss(s.reshape(-1, 5)[keep], t.reshape(-1, 5)[keep], y.reshape(-1)[keep], 3.0, 0.2)
+    assert torch.allclose(L.token_kd_loss(s, t, y, 3.0, 0.2), want)
     so, to, yo = torch.tensor([[1.0], [3.0]]), torch.tensor([[2.0], [2.0]]), torch.tensor([[0.0], [4.0]])
     # 0.25 * mean((s-y)^2)/4 + 0.75 * mean((s-t)^2)/4 = 0.25 * 1/4 + 0.75 * 1/4
-    assert abs(float(D.regression_kd_loss(so, to, yo, 0.25, scale=2.0)) - 0.25) < 1e-6
+    assert abs(float(L.regression_kd_loss(so, to, yo, 0.25, scale=2.0)) - 0.25) < 1e-6
 
 
 def test_parse_student_specs(ctxs):
@@ -333,18 +334,23 @@ def test_sweep_gives_one_row_per_sparsity(run_cli, tmp_path):
 
 def test_zoo_plan_adds_chains_with_parents_first():
     from deepship.models import resolve
+    from deepship.pipeline.adapters import adapter_for
     from deepship.pipeline.report import plan_for
 
-    plan = resolve("cnn").plan(plan_for())
+    def zoo_plan(name, default):
+        spec = resolve(name)
+        return adapter_for(spec).plan_for(spec, default)
+
+    plan = zoo_plan("cnn", plan_for())
     names = [e[0] for e in plan]
     for name, stage, method, params, parent in plan:
         assert parent in ["fp32-torch"] + names[:names.index(name)]
     assert {"pruned-structured-25", "pruned-structured-50", "pruned-structured-75", "pruned-structured-50-int8-static",
             "pruned-unstructured-50", "distilled-w50", "distilled-w50-int8-static"} <= set(names)
-    assert "student-w50-scratch" in [e[0] for e in resolve("mlp").plan(plan_for())]
-    only_dyn = resolve("cnn").plan(plan_for(["int8-dynamic"]))
+    assert "student-w50-scratch" in [e[0] for e in zoo_plan("mlp", plan_for())]
+    only_dyn = zoo_plan("cnn", plan_for(["int8-dynamic"]))
     assert not [e for e in only_dyn if e[2] == "int8-static"]
-    assert resolve("gru").plan([]) == [e for e in resolve("gru").plan([]) if e[1] == "prune"]
+    assert zoo_plan("gru", []) == [e for e in zoo_plan("gru", []) if e[1] == "prune"]
 
 
 def test_report_notes_for_prune_rows(ctxs):

@@ -12,8 +12,8 @@ from deepship.pipeline.report import SCHEMA_VERSION, run_report
 @pytest.fixture(scope="module")
 def small_report(tmp_path_factory):
     d = tmp_path_factory.mktemp("rep")
-    # plan=None: without the prune/distill chains the zoo adds, so the test stays small
-    rep = run_report([resolve("mlp").replace(plan=None), resolve("lstm").replace(plan=None)], out_dir=d, batches=(1, 4), min_time_s=0.02,
+    # family "": no family adapter, so without the prune/distill chains the zoo adds: the test stays small
+    rep = run_report([resolve("mlp").replace(family=""), resolve("lstm").replace(family="")], out_dir=d, batches=(1, 4), min_time_s=0.02,
                      methods=["int8-dynamic", "fp16"], show_progress=False)
     return d, rep
 
@@ -47,7 +47,7 @@ def test_rerun_reuses_cached_artifacts(small_report, tmp_path):
     d, rep = small_report
     arts = {v["variant"]: Path(v["artifact"]) for v in rep["models"][0]["variants"] if v["variant"] != "fp32-torch"}
     before = {k: p.stat().st_mtime_ns for k, p in arts.items()}
-    rep2 = run_report([resolve("mlp").replace(plan=None)], out_dir=tmp_path, batches=(1,), min_time_s=0.01,
+    rep2 = run_report([resolve("mlp").replace(family="")], out_dir=tmp_path, batches=(1,), min_time_s=0.01,
                       methods=["int8-dynamic", "fp16"], show_progress=False)
     a2 = {v["variant"]: Path(v["artifact"]) for v in rep2["models"][0]["variants"]}
     for k, p in arts.items():

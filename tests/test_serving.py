@@ -24,8 +24,18 @@ import pytest
 
 from deepship import api
 from deepship.errors import ArtifactError
-from deepship.serving import (BatcherConfig, DynamicBatcher, InferenceServer, ModelRepository, RequestError,
-                              ServedModel, ServerConfig, ServingError, load_repository, start_in_thread)
+from deepship.serving import (
+    BatcherConfig,
+    DynamicBatcher,
+    InferenceServer,
+    ModelRepository,
+    RequestError,
+    ServedModel,
+    ServerConfig,
+    ServingError,
+    load_repository,
+    start_in_thread,
+)
 from deepship.serving.protocol import HEADER_LENGTH
 from deepship.serving.repository import valid_name
 
@@ -56,7 +66,7 @@ def cnn_report(zoo_ctx, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def digits():
-    from deepship.models.data import digits
+    from deepship.models.vision.data import digits
 
     return digits(True).test.inputs["x"][:64].astype(np.float32)
 
@@ -435,7 +445,7 @@ def test_cli_serve_subprocess(cnn_report, digits):
 
 def test_extension_point_adds_routes(server, monkeypatch):
     """A registered ServingExtension (how the generation and streaming-ASR endpoints plug in) gets its routes."""
-    from deepship.serving import app as app_module
+    from deepship.serving import extensions as ext_module
 
     class Echo:
         name = "echo"
@@ -448,7 +458,7 @@ def test_extension_point_adds_routes(server, monkeypatch):
             async def echo(name: str):
                 return {"model": srv.model(name).name, "inputs": [t.name for t in srv.model(name).inputs]}
 
-    monkeypatch.setitem(app_module._EXTENSIONS, "echo", Echo())
+    monkeypatch.setitem(ext_module._EXTENSIONS, "echo", Echo())
     srv = InferenceServer(server.server.repository, ServerConfig())
     with start_in_thread(srv) as running:
         st, _, out = http(running.url + "/v2/models/cnn-fp32-onnx/echo")

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from deepship.models import gpt as G
+from deepship.pipeline.arch import gpt as AG
 from deepship.runtimes import generate as R
 from deepship.serving import InferenceServer, ServerConfig, load_repository, start_in_thread
 
@@ -59,7 +60,7 @@ def decoders(zoo_ctx):
     out = {}
     for name in ("gpt", "gpt-draft"):
         ctx = zoo_ctx(name)
-        out[name] = (ctx, G.build_variant(ctx, "fp32-onnx"))
+        out[name] = (ctx, AG.build_variant(ctx, "fp32-onnx"))
     return out
 
 
@@ -81,11 +82,11 @@ def server(decoders, tmp_path_factory):
 
 def _direct(decoders, max_new: int, speculative: bool = False, k: int = 4) -> list[int]:
     ctx, v = decoders["gpt"]
-    runner = G.variant_runner(ctx, v, threads=1, mode="arrays")
+    runner = AG.variant_runner(ctx, v, threads=1, mode="arrays")
     ids = G.encode(PROMPT)
     if speculative:
         dctx, dv = decoders["gpt-draft"]
-        return R.speculative_generate(runner, G.variant_runner(dctx, dv, threads=1), ids, max_new, k=k).row(0).tolist()
+        return R.speculative_generate(runner, AG.variant_runner(dctx, dv, threads=1), ids, max_new, k=k).row(0).tolist()
     return R.generate(runner, ids, max_new).row(0).tolist()
 
 

@@ -3,14 +3,22 @@ import numpy as np
 import pytest
 import torch
 
-from deepship.models import data as D
-from deepship.models.train import (PACKAGED_WEIGHTS, _metadata_matches, load_weights, recipe_hash, save_weights,
-                                   train_model, trained_model)
-from deepship.models.zoo import DEFAULT_SET, ZOO
+from deepship.models.rnn import data as RD
+from deepship.models.train import (
+    PACKAGED_WEIGHTS,
+    _metadata_matches,
+    load_weights,
+    recipe_hash,
+    save_weights,
+    train_model,
+    trained_model,
+)
+from deepship.models.vision import data as VD
+from deepship.models.zoo import ZOO
 
 
 def test_digits_split_is_held_out_and_real():
-    ds = D.digits(image=True)
+    ds = VD.digits(image=True)
     assert ds.train.inputs["x"].shape[1:] == (1, 8, 8) and ds.test.inputs["x"].dtype == np.float32
     assert len(ds.train) + len(ds.test) == 1797
     assert set(np.unique(ds.test.targets)) == set(range(10))
@@ -18,12 +26,12 @@ def test_digits_split_is_held_out_and_real():
 
 
 def test_sunspots_last_years_held_out():
-    ds = D.sunspots()
-    s = D.sunspots_series()
-    assert len(ds.test) == D.SUNSPOTS_TEST_YEARS
+    ds = RD.sunspots()
+    s = RD.sunspots_series()
+    assert len(ds.test) == RD.SUNSPOTS_TEST_YEARS
     # the last test target is the last year of the series; no training target comes from the test years
     assert ds.test.targets[-1, 0] == pytest.approx(s[-1])
-    assert ds.train.targets[-1, 0] == pytest.approx(s[-D.SUNSPOTS_TEST_YEARS - 1])
+    assert ds.train.targets[-1, 0] == pytest.approx(s[-RD.SUNSPOTS_TEST_YEARS - 1])
 
 
 CLASSIC = ["mlp", "cnn", "lstm", "gru"]  # the GPT's tiny recipe is exercised in test_gpt.py
@@ -88,5 +96,5 @@ def test_weights_roundtrip_safetensors_and_checkpoint(tmp_path):
 
 
 def test_arima_reference_is_computed():
-    b = D.arima_baseline()
+    b = RD.arima_baseline()
     assert b["metric"] == "mae" and 0 < b["value"] < 100

@@ -7,9 +7,9 @@ model folder with a custom ONNX config (Optimum's own per-architecture config, m
 ``attention_mask`` and L2 normalization, output ``sentence_embedding`` float32 ``(batch, hidden)``. The
 dynamic axes are renamed to the spec's ``batch`` and ``seq``. When Optimum does not support the
 architecture (or fails), the reason is logged and :func:`deepship.exporters.onnx.export_onnx` (the
-dynamo exporter) exports the torch :class:`~deepship.models.hf.SentenceEncoder` instead. Either way,
-parity against PyTorch is checked at the example shape and a second shape, with padded rows
-(attention mask respected).
+dynamo exporter) exports the torch :class:`~deepship.models.hf.SentenceEncoder` instead. The
+pipeline checks parity against PyTorch either way, with padded rows (:func:`padded_feeds`) so the
+attention mask is exercised (:func:`deepship.pipeline.parity.parity`).
 
 The fusions and INT8 recipes for the exported encoders are pipeline stages:
 :mod:`deepship.pipeline.transformers`.
@@ -26,8 +26,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..models.spec import EXAMPLE_DIM_SIZES, ModelSpec
-from .onnx import ExportResult, parity, save_onnx
+from ..models.spec import ModelSpec
+from .onnx import ExportResult, export_onnx, save_onnx
 
 log = logging.getLogger("deepship.exporters.hf")
 
@@ -163,25 +163,12 @@ def padded_feeds(spec: ModelSpec, sizes: Mapping[str, int], seed: int = 0) -> di
     return {"input_ids": ids * mask, "attention_mask": mask}
 
 
-def parity_padded(reference: Any, spec: ModelSpec, onnx_path: Path, atol: float = 1e-4,
-                  rtol: float = 1e-3) -> dict[str, Any]:
-    """:func:`deepship.exporters.onnx.parity` (example shape and a second shape, every output) with
-    padded token rows (:func:`padded_feeds`), so the attention mask is exercised; padding positions
-    of ``last_hidden_state`` are compared too.
-
-    Raises:
-        ExportError: an output differs beyond ``atol + rtol * max|reference|`` or has another shape.
-    """
-    return parity(reference, spec, onnx_path, atol=atol, rtol=rtol,
-                  feeds_at=lambda sz: padded_feeds(spec, sz or EXAMPLE_DIM_SIZES, seed=1))
-
-
 def export_hf(module: Any, spec: ModelSpec, out_path: str | Path, opset: int = HF_OPSET,
               force_fallback: bool = False) -> tuple[ExportResult, dict[str, Any]]:
     """Export a Hugging Face encoder spec: Optimum first, deepship's dynamo exporter as the fallback.
 
     Args:
-        module: the torch :class:`~deepship.models.hf.SentenceEncoder` (parity reference and fallback).
+        module: the torch :class:`~deepship.models.hf.SentenceEncoder` (the fallback's source).
         spec: an ``hf`` spec (``extra["path"]`` is the model folder).
         force_fallback: skip Optimum (tests; architectures known to fail).
 
@@ -190,10 +177,8 @@ def export_hf(module: Any, spec: ModelSpec, out_path: str | Path, opset: int = H
         ``info["fallback_reason"]`` says why Optimum was not used.
 
     Raises:
-        ExportError: both exporters failed, or parity failed.
+        ExportError: both exporters failed.
     """
-    from .onnx import export_onnx
-
     out_path = Path(out_path)
     info: dict[str, Any] = {}
     reason = "forced (force_fallback)" if force_fallback else None
@@ -202,13 +187,11 @@ def export_hf(module: Any, spec: ModelSpec, out_path: str | Path, opset: int = H
             files = optimum_export(spec.extra["path"], out_path, task=spec.extra.get("hf_task", "feature-extraction"),
                                    opset=opset, normalize=bool(spec.extra.get("normalize", True)))
             res = ExportResult(out_path, files, opset, dynamic_dims={t.name: t.dynamic_dims for t in spec.inputs})
-            res.parity = parity_padded(module, spec, out_path)
             info["exporter"] = "optimum.exporters.onnx.main_export (optimum-onnx) + deepship pooling head"
             return res, info
         except OptimumUnsupported as e:
             reason = str(e)
             log.warning("%s: Optimum cannot export it (%s); falling back to deepship's exporter", spec.name, reason)
     res = export_onnx(module, spec, out_path, opset=opset)
-    res.parity = parity_padded(module, spec, out_path)
     info.update(exporter="torch.onnx.export(dynamo=True) (deepship fallback)", fallback_reason=reason)
     return res, info

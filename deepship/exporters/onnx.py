@@ -8,7 +8,9 @@ What this adds over a bare ``torch.onnx.export`` call:
   a concrete size, e.g. a Python loop over time), which is reported as an error with the fix;
 - the model is saved as one file below 1.8 GB (external data ``NAME.onnx.data`` above), so it can be
   renamed and moved; size on disk counts both files;
-- parity against PyTorch at the example shape *and* at a second, different shape, run in ONNX Runtime.
+
+Parity against PyTorch (at the example shape and at a second one, in ONNX Runtime) is the pipeline's
+comparator, :mod:`deepship.pipeline.parity`: exporters write graphs and never run them.
 """
 from __future__ import annotations
 
@@ -20,12 +22,11 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
-
-import numpy as np
+from typing import Any, Sequence
 
 from ..errors import ExportError
-from ..models.spec import SECOND_DIM_SIZES, ModelSpec, TensorSpec
+from ..models.spec import ModelSpec, TensorSpec
+from ..models.train import eval_mode
 from ..utils import atomic_dir
 
 DEFAULT_OPSET = 18
@@ -40,7 +41,8 @@ class ExportResult:
         path: the ``.onnx`` file.
         files: every file of the model (``.onnx`` plus external data, if any).
         opset: the default-domain opset.
-        parity: ``{"example": {...}, "second_shape": {...}}`` each with ``max_abs``, ``max_rel``, ``shape``.
+        parity: ``{"example": {...}, "second_shape": {...}}`` each with ``max_abs``, ``max_rel``, ``shape``,
+            filled in by :func:`deepship.pipeline.parity.parity` (empty as the exporter returns it).
         dynamic_dims: ``{input: {axis: name}}`` as written in the graph.
     """
 
@@ -51,7 +53,9 @@ class ExportResult:
     dynamic_dims: dict[str, dict[int, str]] = field(default_factory=dict)
 
 
-def _dynamic_shapes(inputs: Sequence[TensorSpec]):
+def dynamic_shapes(inputs: Sequence[TensorSpec]):
+    """``torch.export`` ``dynamic_shapes`` (one entry per input, positional) from the specs' named dims;
+    one ``Dim`` per name, so inputs sharing a name share the size."""
     import torch
 
     dims: dict[str, Any] = {}
@@ -121,31 +125,25 @@ def _clear_rnn_dispatch_caches() -> None:
             cache.clear()
 
 
-def export_onnx(model: Any, spec: ModelSpec, out_path: str | Path, opset: int = DEFAULT_OPSET,
-                check_parity: bool = True, atol: float = 1e-4, rtol: float = 1e-3) -> ExportResult:
-    """Export ``model`` (eval mode) to ``out_path`` and check it.
+def export_onnx(model: Any, spec: ModelSpec, out_path: str | Path, opset: int = DEFAULT_OPSET) -> ExportResult:
+    """Export ``model`` (eval mode) to ``out_path`` and check that every named dynamic dim stayed dynamic.
 
     Args:
         model: ``torch.nn.Module`` whose ``forward`` takes ``spec.inputs`` positionally.
         spec: the model's spec (input names, dtypes, named dynamic dims, output names).
         out_path: destination ``.onnx`` file; written atomically (temp folder, then rename).
         opset: default-domain opset (18 unless given).
-        check_parity: run ONNX Runtime at the example shape and at a second shape and compare.
-        atol, rtol: parity tolerance: fail if ``max_abs > atol + rtol * max|reference|``.
 
     Returns:
         :class:`ExportResult`.
 
     Raises:
-        ExportError: the exporter failed (naming the operator or module), a dynamic dim was fixed,
-            or parity failed.
+        ExportError: the exporter failed (naming the operator or module), or a dynamic dim was fixed.
     """
     import onnx
     import torch
 
     out_path = Path(out_path)
-    from ..models.train import eval_mode
-
     model = eval_mode(model)
     ex = spec.example_inputs()
     args = tuple(torch.from_numpy(ex[t.name]) for t in spec.inputs)
@@ -163,7 +161,7 @@ def export_onnx(model: Any, spec: ModelSpec, out_path: str | Path, opset: int = 
             with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
                 warnings.simplefilter("ignore")
                 prog = torch.onnx.export(
-                    model, args, dynamo=True, dynamic_shapes=_dynamic_shapes(spec.inputs),
+                    model, args, dynamo=True, dynamic_shapes=dynamic_shapes(spec.inputs),
                     opset_version=opset, input_names=[t.name for t in spec.inputs],
                     output_names=list(spec.output_names), optimize=True, verbose=False,
                 )
@@ -180,11 +178,8 @@ def export_onnx(model: Any, spec: ModelSpec, out_path: str | Path, opset: int = 
                 "time); use cumsum/scan tensor formulations, or declare that dim static in the input spec")
         mp.producer_name = "deepship"
         files = save_onnx(mp, out_path)
-    res = ExportResult(out_path, files, opset,
-                       dynamic_dims={t.name: t.dynamic_dims for t in spec.inputs if t.dynamic_dims})
-    if check_parity:
-        res.parity = parity(model, spec, out_path, atol=atol, rtol=rtol)
-    return res
+    return ExportResult(out_path, files, opset,
+                        dynamic_dims={t.name: t.dynamic_dims for t in spec.inputs if t.dynamic_dims})
 
 
 def save_onnx(model_proto, out_path: str | Path) -> list[Path]:
@@ -214,47 +209,3 @@ def save_onnx(model_proto, out_path: str | Path) -> list[Path]:
         (out_path.parent / (out_path.name + ".data")).unlink(missing_ok=True)
     stage.rmdir()
     return files
-
-
-def parity(reference: Any, spec: ModelSpec, onnx_path: str | Path, atol: float = 1e-4, rtol: float = 1e-3,
-           sizes: Mapping[str, int] | None = None, seed: int = 1,
-           feeds_at: Callable[[Mapping[str, int] | None], dict[str, np.ndarray]] | None = None) -> dict[str, Any]:
-    """Compare ONNX Runtime against the torch ``reference`` at the example shape and a second shape.
-
-    ``feeds_at(sizes)`` makes the inputs at a shape (``None``: the example shape); default
-    ``spec.example_inputs(sizes, seed=seed)`` (random inputs; e.g. padded token rows for encoders).
-
-    Returns:
-        ``{"example": {"shape", "max_abs", "max_rel", "ok"}, "second_shape": {...}, "ok": bool}``.
-        ``max_rel`` is max abs error over max abs reference value.
-
-    Raises:
-        ExportError: outputs differ beyond ``atol + rtol * max|reference|`` (names the output and shape).
-    """
-    from ..runtimes.session import OrtSession, TorchSession
-
-    ort_s = OrtSession(onnx_path, threads=1)
-    tor_s = TorchSession(reference, [t.name for t in spec.inputs], spec.output_names, threads=None)
-    out: dict[str, Any] = {}
-    for label, sz in (("example", None), ("second_shape", sizes or SECOND_DIM_SIZES)):
-        feeds = feeds_at(sz) if feeds_at is not None else spec.example_inputs(sz, seed=seed)
-        a = ort_s.run(feeds)
-        b = tor_s.run(feeds)
-        worst = {"max_abs": 0.0, "max_rel": 0.0}
-        for name in spec.output_names:
-            if name not in a or name not in b:
-                continue
-            x, y = np.asarray(a[name], np.float64), np.asarray(b[name], np.float64)
-            if x.shape != y.shape:
-                raise ExportError(f"ONNX output '{name}' has shape {x.shape}, PyTorch {y.shape} at input shapes "
-                                  f"{ {k: v.shape for k, v in feeds.items()} }; a dim was likely fixed during export")
-            err = float(np.abs(x - y).max()) if x.size else 0.0
-            ref = float(np.abs(y).max()) if y.size else 0.0
-            if err > atol + rtol * ref:
-                raise ExportError(f"parity failed for output '{name}' at input shapes "
-                                  f"{ {k: tuple(v.shape) for k, v in feeds.items()} }: max abs error {err:.3g} "
-                                  f"> {atol + rtol * ref:.3g}; check for ops that differ between torch and ONNX")
-            worst = {"max_abs": max(worst["max_abs"], err), "max_rel": max(worst["max_rel"], err / ref if ref else err)}
-        out[label] = {"shape": {k: list(v.shape) for k, v in feeds.items()}, **worst, "ok": True}
-    out["ok"] = True
-    return out

@@ -206,13 +206,11 @@ class ModelSpec:
         onnx_path: for a model given as ``.onnx``: the file (no torch baseline then).
         weights_path: user weights (safetensors or torch checkpoint).
         description: one line for the README's model table and ``optimize models``.
-        source: ``"zoo"``, ``"factory"``, ``"pt2"`` or ``"onnx"``.
-        plan: optional ``(default_plan) -> plan`` that edits the report's variant plan for this model
-            (entries ``(name, stage, method, params, parent)``), e.g. to add prune/distill chains or
-            drop methods that do not apply.
-        measure: optional ``(ctx, variant, session) -> dict`` of extra per-variant measurements
-            (tokens/s, acceptance rate, real-time factor, ...) stored in the report row's ``extra``
-            and shown in the Markdown notes.
+        source: ``"zoo"``, ``"factory"``, ``"pt2"``, ``"onnx"`` or ``"hf"``.
+        family: the architecture family (``vision``, ``rnn``, ``gpt``, ``asr``, ``hf``, ``mamba``,
+            ``generative``; ``""`` for a user model). The pipeline finds what it must know of a family
+            beyond this spec (report rows, extra measures, export method, pruning support) in its
+            adapter, :func:`deepship.pipeline.adapters.adapter_for`.
         train_data: optional ``() -> Any`` giving what ``train`` trains on when that is not ``data()``
             (the ASR model trains on utterances; its ``data`` holds recorded streaming chunks, which
             need the trained model).
@@ -237,8 +235,7 @@ class ModelSpec:
     description: str = ""
     source: str = "zoo"
     extra: dict[str, Any] = field(default_factory=dict)
-    plan: Callable[[list], list] | None = None
-    measure: Callable[[Any, Any, Any], dict] | None = None
+    family: str = ""
     train_data: Callable[[], Any] | None = None
     data_id: str = ""
 
@@ -250,7 +247,7 @@ class ModelSpec:
         The artifact cache keys the baseline on this plus the weights' hash, so a changed
         ``--input`` spec, output name or metric never reuses an artifact built for another.
         """
-        return {"name": self.name, "task": self.task, "source": self.source,
+        return {"name": self.name, "task": self.task, "source": self.source, "family": self.family,
                 "inputs": [[t.name, list(t.dims), t.dtype, float(t.low), float(t.high)] for t in self.inputs],
                 "outputs": list(self.output_names),
                 "metric": None if self.metric is None else [self.metric.name, bool(self.metric.higher_is_better)],

@@ -119,9 +119,14 @@ def _train(model: nn.Module, ds: "Dataset", recipe: dict, loss_fn, ydtype) -> di
     return {"train_s": time.perf_counter() - t0, "final_loss": float(loss.detach())}
 
 
-def recipe_hash(spec: "ModelSpec", recipe: dict | None = None) -> str:
-    """Hash of the recipe (architecture + hyper-parameters) that keys cached weights."""
-    return stable_hash({"model": spec.name, "recipe": recipe if recipe is not None else spec.recipe, "v": 1})
+def recipe_hash(spec: "ModelSpec | str", recipe: dict | None = None) -> str:
+    """Hash of a zoo model's name and recipe (architecture + hyper-parameters) that keys its cached and
+    committed weights; ``spec`` is a :class:`ModelSpec` (its own recipe unless ``recipe`` is given) or
+    a zoo name with ``recipe``."""
+    name = spec if isinstance(spec, str) else spec.name
+    if recipe is None and not isinstance(spec, str):
+        recipe = spec.recipe
+    return stable_hash({"model": name, "recipe": recipe, "v": 1})
 
 
 def build_model(spec: "ModelSpec", recipe: dict | None = None) -> nn.Module:

@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import torch
+import torch.nn as nn
 
 from ..errors import DataError, InputSpecError, UnknownModelError, WeightsError
-from ..utils import sha256_file
-from .spec import METRICS, Dataset, ModelSpec, Split, TensorSpec, parse_input_spec
+from ..utils import check_onnx_file, sha256_file
+from .spec import METRICS, Dataset, Metric, ModelSpec, Split, TensorSpec, parse_input_spec
 
 _FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
@@ -141,8 +143,6 @@ def onnx_spec(path: str, name: str | None = None) -> ModelSpec:
     """
     import onnx
 
-    from ..runtimes.session import check_onnx_file
-
     check_onnx_file(path)
     m = onnx.load(str(path), load_external_data=False)
     init = {i.name for i in m.graph.initializer}
@@ -229,9 +229,50 @@ def attach_data(spec: ModelSpec, data: str | None = None, metric: str | None = N
     elif metric:
         raise DataError(f"--metric {metric} needs labeled data; pass --data FILE.npz")
     if evaluate is not None:
-        from .spec import Metric
-
         kw["evaluate"] = evaluate
         kw["metric"] = Metric(getattr(evaluate, "__name__", "score"),
                               True if higher_is_better is None else higher_is_better, lambda p, y: float("nan"))
     return spec.replace(**kw)
+
+
+class ExportedModule(nn.Module):
+    """An ``nn.Module`` around a loaded ``torch.export`` program (``ExportedProgram.module()``).
+
+    The unlifted graph module refuses ``.eval()``/``.train()``; this wrapper accepts them (the program
+    was exported in eval mode) so the exporter and sessions can treat it like any module. Its
+    ``forward`` takes the program's inputs positionally (tensors) and returns its outputs.
+    """
+
+    def __init__(self, program_module: nn.Module):
+        super().__init__()
+        self.program = program_module
+
+    def train(self, mode: bool = True) -> "ExportedModule":
+        self.training = mode
+        return self
+
+    def forward(self, *args: torch.Tensor) -> Any:
+        return self.program(*args)
+
+
+def load_pt2_module(path: str | Path) -> nn.Module:
+    """Load a ``.pt2`` variant written by :func:`save_torch_variant` as an :class:`ExportedModule`.
+
+    ``forward`` gets an explicit signature with one parameter per program input, so that
+    ``torch.export`` (inside the ONNX exporter) can match positional ``dynamic_shapes`` to it.
+    """
+    import inspect
+
+    import torch
+
+    ep = torch.export.load(str(path))
+    n = len(ep.graph_signature.user_inputs)
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+
+    def forward(self, *args):
+        return self.program(*args)
+
+    forward.__signature__ = inspect.Signature([inspect.Parameter("self", kind)] +
+                                              [inspect.Parameter(f"input_{i}", kind) for i in range(n)])
+    cls = type("ExportedModule", (ExportedModule,), {"forward": forward, "__doc__": ExportedModule.__doc__})
+    return cls(ep.module())

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import GateError
-from .report import SCHEMA_VERSION, fmt_metric
+from .report import fmt_metric
 
 SUPPORTED_SCHEMAS = (1,)
 

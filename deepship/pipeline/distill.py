@@ -22,7 +22,7 @@ students distill better when trained longer, see :data:`DEFAULT_EPOCH_FACTOR`). 
 outputs over the training split are computed once (it is frozen) and fed with the labels through the
 spec's training loop.
 
-Extension point (the GPT decoder of ``deepship/models/gpt.py``): give its spec the task
+Extension point (the GPT decoder of ``deepship/models/gpt/``): give its spec the task
 ``"language-modeling"`` (or add its task to :data:`DISTILL_LOSSES`) and register its architecture in
 :func:`deepship.pipeline.prune.register_architecture` with ``width_keys`` (``d_model``, ``d_mlp``,
 ``n_head``) and ``layers_key`` (``n_layer``), so students can be derived from it.
@@ -37,15 +37,17 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..errors import StageError
-from . import prune as P  # module import: prune.py and this file import each other through stages.py
-from .stages import ModelContext, register_stage
+from ..models.losses import DEFAULT_ALPHA, DEFAULT_TEMPERATURE, IGNORE_INDEX, hinton_loss, regression_kd_loss
+from ..models.spec import Dataset, Split
+from ..models.train import _train, seed_everything
+from ..models.user import _import_factory, is_factory_ref
+from . import prune as P
+from .context import ModelContext
+from .stages import register_stage
 from .variants import Variant
 
-DEFAULT_TEMPERATURE = 4.0
-DEFAULT_ALPHA = 0.1
 DEFAULT_WIDTH = 0.5
 #: Without ``epochs``, a student trains this many times the teacher's recipe epochs. Classifier students
 #: gain from longer training (soft targets at temperature 4 are learned slowly: MLP width 0.25, 20 epochs:
@@ -53,75 +55,6 @@ DEFAULT_WIDTH = 0.5
 #: al. 2022), but the sunspots LSTM overfits at 2x (MAE +9% against -2% at 1x), so the default keeps
 #: the recipe's tuned length; pass ``epochs`` (``--epochs``) to train longer.
 DEFAULT_EPOCH_FACTOR = 1
-IGNORE_INDEX = -100
-
-
-# ---- losses -------------------------------------------------------------------------------------
-
-def hinton_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
-                temperature: float = DEFAULT_TEMPERATURE, alpha: float = DEFAULT_ALPHA,
-                ignore_index: int | None = None) -> torch.Tensor:
-    """Knowledge-distillation loss of Hinton et al. 2015 (mean over samples, or tokens).
-
-    ``alpha * CE(s, y) + (1 - alpha) * tau^2 * KL(softmax(t / tau) || softmax(s / tau))``
-
-    Args:
-        student_logits: float ``(..., C)`` logits of the student (any leading dims: batch, or batch x seq).
-        teacher_logits: float ``(..., C)`` logits of the teacher, same shape.
-        targets: int64 ``(...)`` class indices (the leading dims of the logits).
-        temperature: ``tau`` > 0; softens both distributions.
-        alpha: weight of the hard-label cross-entropy in [0, 1]; ``1`` = no teacher.
-        ignore_index: target value whose positions are left out of both terms (padding tokens).
-
-    Returns:
-        A scalar float tensor.
-
-    Raises:
-        StageError: shapes that do not match, or ``temperature``/``alpha`` out of range.
-    """
-    if student_logits.shape != teacher_logits.shape:
-        raise StageError(f"student logits {tuple(student_logits.shape)} and teacher logits "
-                         f"{tuple(teacher_logits.shape)} differ; student and teacher must share the output")
-    if not temperature > 0 or not 0.0 <= alpha <= 1.0:
-        raise StageError(f"temperature {temperature} must be > 0 and alpha {alpha} in [0, 1]")
-    c = student_logits.shape[-1]
-    s = student_logits.reshape(-1, c).float()
-    t = teacher_logits.reshape(-1, c).float()
-    y = targets.reshape(-1).long()
-    keep = torch.ones_like(y, dtype=torch.bool) if ignore_index is None else y != ignore_index
-    n = keep.sum().clamp(min=1)
-    ce = F.cross_entropy(s, y.clamp(min=0), reduction="none")
-    loss = alpha * (ce * keep).sum() / n
-    if alpha < 1.0:
-        kl = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1),
-                      reduction="none", log_target=True).sum(-1)
-        loss = loss + (1.0 - alpha) * temperature ** 2 * (kl * keep).sum() / n
-    return loss
-
-
-def token_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
-                  temperature: float = DEFAULT_TEMPERATURE, alpha: float = DEFAULT_ALPHA) -> torch.Tensor:
-    """Token-level KD for decoders: :func:`hinton_loss` over ``(batch, seq, vocab)`` logits and
-    int64 ``(batch, seq)`` next-token targets, positions with target ``-100`` masked. Scalar."""
-    return hinton_loss(student_logits, teacher_logits, targets, temperature, alpha, ignore_index=IGNORE_INDEX)
-
-
-def regression_kd_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, targets: torch.Tensor,
-                       alpha: float = DEFAULT_ALPHA, scale: float = 1.0) -> torch.Tensor:
-    """``alpha * MSE(s, y) + (1 - alpha) * MSE(s, t)`` on values divided by ``scale`` (the model's std).
-
-    Args:
-        student_out, teacher_out, targets: float tensors of one shape, e.g. ``(batch, 1)``.
-        scale: divides all three, so the loss does not depend on the data's units.
-
-    Returns:
-        A scalar float tensor.
-    """
-    s, t, y = student_out / scale, teacher_out / scale, targets.reshape(student_out.shape) / scale
-    loss = alpha * F.mse_loss(s, y)
-    if alpha < 1.0:
-        loss = loss + (1.0 - alpha) * F.mse_loss(s, t)
-    return loss
 
 
 #: task -> (loss name, whether the labels are class indices)
@@ -204,8 +137,6 @@ def parse_student(text: str | None, teacher: nn.Module, teacher_arch: dict | Non
     Raises:
         StageError: unknown keys (names the teacher's keys), or a SPEC that does not parse.
     """
-    from ..models.user import is_factory_ref
-
     text = (text or "").strip()
     if text in ("", "auto"):
         return {"arch": derive_student(teacher, teacher_arch)}
@@ -240,9 +171,6 @@ def parse_student(text: str | None, teacher: nn.Module, teacher_arch: dict | Non
 
 
 def _build_student(ctx: ModelContext, params: dict) -> nn.Module:
-    from ..models.train import seed_everything
-    from ..models.user import _import_factory
-
     seed_everything(int(params.get("seed", (ctx.spec.recipe or {}).get("seed", 0))))
     if "factory" in params:
         m = _import_factory(params["factory"])()
@@ -304,9 +232,6 @@ def distill_train(ctx: ModelContext, teacher: nn.Module, student: nn.Module, tem
         StageError: no labeled training data or recipe, a task without a distillation loss, or a
             student whose output shape differs from the teacher's.
     """
-    from ..models.spec import Dataset, Split
-    from ..models.train import _train
-
     spec = ctx.spec
     check_distillable(ctx)
     ds = ctx.dataset()

@@ -62,8 +62,11 @@ def evaluate(ctx, session, reference: np.ndarray | None) -> dict[str, Any]:
     first = out[session.output_names[0]] if session.output_names[0] in out else next(iter(out.values()))
     spec = ctx.spec
     metric = None
-    if spec.evaluate is not None:
+    if spec.evaluate is not None:  # the user's evaluation function, or the spec's own (perplexity)
         metric = float(spec.evaluate(session))
+    elif ctx.arch.evaluate is not None:  # the family's evaluation over a session (streaming CER, ...)
+        m = ctx.arch.evaluate(ctx, session)
+        metric = None if m is None else float(m)
     elif spec.metric is not None and spec.metric.fn is not None and targets is not None:
         metric = float(spec.metric.fn(first, targets))
     d = drift(first, reference, argmax=spec.task in ARGMAX_TASKS) if reference is not None else None

@@ -21,6 +21,12 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..errors import StageError
+from ..exporters.onnx import save_onnx
+from ..models.train import save_weights
+from .context import CALIBRATION_SAMPLES, ModelContext
+from .export import onnx_parent
+from .stages import get_stage, register_stage
+from .variants import Variant
 
 COMPUTE_OPS = ("Conv", "Gemm", "MatMul", "LSTM", "GRU", "RNN", "ConvTranspose", "Attention")
 # quantized op -> the original op it replaces
@@ -106,8 +112,6 @@ def describe_nodes(info: Mapping[str, Any]) -> str:
 
 
 def _save(model, out: Path) -> None:
-    from ..exporters.onnx import save_onnx
-
     save_onnx(model, out)
 
 
@@ -300,3 +304,78 @@ def int4_weight_only(src: Path, out: Path, block_size: int = 32, symmetric: bool
     info = quantized_nodes(onnx.load(str(src)), qm)
     return {"nodes": info, "block_size": block_size, "symmetric": symmetric, "accuracy_level": accuracy_level,
             "gemm_rewritten": rewritten, "library": "onnxruntime.quantization.matmul_nbits_quantizer"}
+
+
+# ---- the quantize stages, and building a quantized variant ------------------------------------------
+
+#: stage parameters a quantize method gets when none are given
+QUANT_DEFAULT_PARAMS = {
+    "int8-static": {"calibration": "minmax", "per_channel": True},
+    "int4-weight-only": {"block_size": 32},
+}
+
+
+def _onnx_stage(fn_name: str):
+    def run(ctx: ModelContext, parent: Variant, params: dict, out: Path):
+        fn = globals()[fn_name]
+        if fn_name == "int8_static":
+            calib, desc = ctx.calibration(int(params.get("samples", CALIBRATION_SAMPLES)))
+            info = int8_static(parent.path, out / "model.onnx", calib, method=params.get("calibration", "minmax"),
+                                 per_channel=bool(params.get("per_channel", True)))
+            info["calibration_data"] = desc
+        elif fn_name == "int4_weight_only":
+            info = int4_weight_only(parent.path, out / "model.onnx", block_size=int(params.get("block_size", 32)))
+        elif fn_name == "int8_dynamic":
+            info = int8_dynamic(parent.path, out / "model.onnx", per_channel=bool(params.get("per_channel", False)))
+        else:
+            info = fn(parent.path, out / "model.onnx")
+        files = ["model.onnx"] + (["model.onnx.data"] if (out / "model.onnx.data").exists() else [])
+        if not info["nodes"]["quantized"]:
+            info["warning"] = "no node was quantized: the model has no op this method handles"
+        return files, info
+
+    run.__doc__ = fn_name
+    return run
+
+
+register_stage("quantize", "int8-dynamic", "onnx", "onnx", "int8")(_onnx_stage("int8_dynamic"))
+register_stage("quantize", "int8-static", "onnx", "onnx", "int8", uses_data=True)(_onnx_stage("int8_static"))
+register_stage("quantize", "fp16", "onnx", "onnx", "fp16")(_onnx_stage("fp16"))
+register_stage("quantize", "int4-weight-only", "onnx", "onnx", "int4")(_onnx_stage("int4_weight_only"))
+
+
+@register_stage("quantize", "bf16", "torch", "torch", "bf16")
+def _bf16(ctx: ModelContext, parent: Variant, params: dict, out: Path):
+    """torch bfloat16 weights and compute (AMX-BF16 on CPUs that have it)."""
+    import torch
+
+    m = ctx.torch_session(parent).module
+    mb = ctx.fresh_module(parent.info.get("arch"))
+    mb.load_state_dict(m.state_dict())
+    mb = mb.to(torch.bfloat16).eval()
+    save_weights(mb, out / "weights.safetensors")
+    n = sum(1 for p in mb.parameters())
+    return ["weights.safetensors"], {"dtype": "bfloat16", "arch": parent.info.get("arch"),
+                                     "nodes": {"quantized": {"all weight tensors": n}, "kept_fp32": {}},
+                                     "library": "torch (tensor.to(torch.bfloat16))"}
+
+
+def quantize_variant(ctx: ModelContext, method: str, **params: Any) -> Variant:
+    """Quantize ``ctx``'s model with ``method`` (built or taken from the cache): ``int8-dynamic``,
+    ``int8-static`` (``calibration=``, ``per_channel=``, ``samples=``), ``fp16``, ``int4-weight-only``
+    (``block_size=``) on the FP32 ONNX model, or ``bf16`` on the torch model. Variant names:
+    the method, ``int8-static-<calibration>`` for a non-MinMax calibration, ``bf16-torch``.
+
+    Raises:
+        StageError: unknown method, or ``bf16`` on an ONNX-only model.
+    """
+    impl = get_stage("quantize", method)
+    p = {**QUANT_DEFAULT_PARAMS.get(method, {}), **{k: v for k, v in params.items() if v is not None}}
+    name = method if method != "bf16" else "bf16-torch"
+    if method == "int8-static" and p.get("calibration", "minmax") != "minmax":
+        name = f"int8-static-{p['calibration']}"
+    if impl.consumes == "torch":
+        if not ctx.has_torch:
+            raise StageError(f"{method} needs a torch model; '{ctx.spec.name}' is ONNX: use fp16 or int8-static")
+        return ctx.build(name, "quantize", method, p, ctx.baseline())
+    return ctx.build(name, "quantize", method, p, onnx_parent(ctx))

@@ -14,9 +14,11 @@ from typing import Any, Callable, Sequence
 from ..errors import DeepshipError, StageError
 from ..models.spec import ModelSpec
 from ..runtimes.benchmark import measure
-from ..utils import ensure_dir, machine_info, write_json_atomic, write_text_atomic
+from ..utils import default_threads, ensure_dir, machine_info, write_json_atomic, write_text_atomic
+from .context import ModelContext
 from .evaluate import bench_feeds, evaluate
-from .stages import ModelContext, get_stage
+from .quantize import describe_nodes
+from .stages import get_stage
 
 SCHEMA_VERSION = 1
 
@@ -53,8 +55,7 @@ def run_model(ctx: ModelContext, plan, batches: Sequence[int], threads: int | No
     spec = ctx.spec
     rows: list[dict[str, Any]] = []
     base = ctx.baseline()
-    if spec.plan is not None:
-        plan = spec.plan(list(plan))
+    plan = ctx.arch.plan_for(spec, plan)
     todo = [(base.name, None, None, None, None)] + [p for p in plan]
     reference = None
     base_metric = None
@@ -89,8 +90,9 @@ def run_model(ctx: ModelContext, plan, batches: Sequence[int], threads: int | No
                 "metric": ev["metric"], "drift": ev["drift"], "info": _public_info(v.info), "status": "ok",
                 "artifact": str(v.path) if v.path else None, "key": v.key,
             })
-            if spec.measure is not None:
-                row["extra"] = spec.measure(ctx, v, sess)
+            extra = ctx.arch.measure(ctx, v, sess) if ctx.arch.measure is not None else None
+            if extra is not None:
+                row["extra"] = extra
             if ev["metric"] is not None and base_metric is not None:
                 row["metric_change"] = ev["metric"] - base_metric
                 row["metric_change_rel"] = (ev["metric"] - base_metric) / abs(base_metric) if base_metric else None
@@ -158,8 +160,6 @@ def run_report(specs: Sequence[ModelSpec], out_dir: str | Path = "report", metho
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from ..runtimes.session import default_threads
-
     out = ensure_dir(out_dir)
     for m in methods or ():
         if m not in QUANT_METHODS:
@@ -174,10 +174,9 @@ def run_report(specs: Sequence[ModelSpec], out_dir: str | Path = "report", metho
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, disable=not show_progress, transient=False) as prog:
         for spec in specs:
-            n_steps = len(spec.plan(list(the_plan))) if spec.plan is not None else len(the_plan)
-            task = prog.add_task(f"{spec.name}", total=n_steps + 1)
-            ctx = ModelContext(spec, retrain=retrain,
-                               progress=lambda s, t=task: prog.update(t, description=s[:60]))
+            ctx = ModelContext(spec, retrain=retrain)
+            task = prog.add_task(f"{spec.name}", total=len(ctx.arch.plan_for(spec, the_plan)) + 1)
+            ctx.progress = lambda s, t=task: prog.update(t, description=s[:60])
             models.append(run_model(ctx, the_plan, batches, threads, min_time_s,
                                     lambda name, t=task, n=spec.name: prog.update(t, advance=1, description=f"{n}: {name}")))
             prog.update(task, description=f"{spec.name}: done")
@@ -234,8 +233,6 @@ def _notes(row: dict) -> str:
     info = row.get("info", {})
     notes = []
     if "nodes" in info and row.get("stage") == "quantize":
-        from .quantize import describe_nodes
-
         notes.append(describe_nodes(info["nodes"]))
     if "calibration" in info:
         notes.append(f"{info['calibration']} calibration")

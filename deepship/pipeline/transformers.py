@@ -5,7 +5,7 @@
 | ``optimize`` / ``ort-transformers`` | ``onnxruntime.transformers.optimizer.optimize_model`` (model type ``bert``) | EmbedLayerNormalization, Attention, SkipLayerNormalization and BiasGelu fusions (``com.microsoft`` ops: ONNX Runtime only) |
 | ``quantize`` / ``int8-transformer`` | ``onnxruntime.quantization`` ``quantize_dynamic`` / ``quantize_static`` | INT8 of a (fused) encoder: dynamic, or static QDQ (per-channel weights, MinMax-calibrated on real sentences), optional SmoothQuant (Xiao et al. 2023), nodes kept in FP32 by name pattern (the sensitive layers found by ``benchmarks/minilm.py``) |
 
-:func:`register_stages` adds both to the stage registry; the Hugging Face specs call it.
+Both register with the stage registry when this module is imported.
 """
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ import numpy as np
 
 from ..errors import StageError
 from ..exporters.onnx import save_onnx
-
+from .context import CALIBRATION_SAMPLES
+from .quantize import CalibrationReader, _working_dir, quantized_nodes
+from .stages import register_stage
 
 # ---- ONNX Runtime transformer fusions -------------------------------------------------------------
 
@@ -78,8 +80,6 @@ def int8_transformer(src: Path, out: Path, mode: str = "dynamic", calibration: M
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
-    from .quantize import CalibrationReader, _working_dir, quantized_nodes
-
     m = onnx.load(str(src))
     excluded = matching_nodes(m, exclude) if exclude else []
     extra: dict[str, Any] = {"DefaultTensorType": onnx.TensorProto.FLOAT, "MatMulConstBOnly": True}
@@ -113,33 +113,26 @@ def int8_transformer(src: Path, out: Path, mode: str = "dynamic", calibration: M
 
 # ---- stages ---------------------------------------------------------------------------------------
 
-def register_stages() -> None:
-    """Register ``optimize/ort-transformers`` (onnx -> onnx) and ``quantize/int8-transformer``
-    (onnx -> onnx) with the pipeline (idempotent)."""
-    from . import stages as S
+@register_stage("optimize", "ort-transformers", "onnx", "onnx")
+def _fuse(ctx, parent, params, out):
+    """ONNX Runtime transformer optimizer fusions (Attention, SkipLayerNormalization, BiasGelu)."""
+    ex = ctx.spec.extra
+    info = fuse_transformer(parent.path, out / "model.onnx", ex.get("num_heads") or 0, ex.get("hidden_size") or 0,
+                            params.get("model_type", "bert"))
+    return ["model.onnx"] + (["model.onnx.data"] if (out / "model.onnx.data").exists() else []), info
 
-    if ("optimize", "ort-transformers") in S._STAGES:
-        return
 
-    @S.register_stage("optimize", "ort-transformers", "onnx", "onnx")
-    def _fuse(ctx, parent, params, out):
-        """ONNX Runtime transformer optimizer fusions (Attention, SkipLayerNormalization, BiasGelu)."""
-        ex = ctx.spec.extra
-        info = fuse_transformer(parent.path, out / "model.onnx", ex.get("num_heads") or 0, ex.get("hidden_size") or 0,
-                                params.get("model_type", "bert"))
-        return ["model.onnx"] + (["model.onnx.data"] if (out / "model.onnx.data").exists() else []), info
-
-    @S.register_stage("quantize", "int8-transformer", "onnx", "onnx", "int8", uses_data=True)
-    def _int8(ctx, parent, params, out):
-        """INT8 for transformer encoders: dynamic or static QDQ, sensitive nodes kept FP32."""
-        calib = None
-        desc = None
-        if params.get("mode", "dynamic") == "static":
-            calib, desc = ctx.calibration(int(params.get("samples", S.CALIBRATION_SAMPLES)))
-        info = int8_transformer(parent.path, out / "model.onnx", mode=params.get("mode", "dynamic"), calibration=calib,
-                                exclude=tuple(params.get("exclude", ())), per_channel=bool(params.get("per_channel", True)),
-                                reduce_range=bool(params.get("reduce_range", False)),
-                                smooth_quant=params.get("smooth_quant"))
-        if desc:
-            info["calibration_data"] = desc
-        return ["model.onnx"] + (["model.onnx.data"] if (out / "model.onnx.data").exists() else []), info
+@register_stage("quantize", "int8-transformer", "onnx", "onnx", "int8", uses_data=True)
+def _int8(ctx, parent, params, out):
+    """INT8 for transformer encoders: dynamic or static QDQ, sensitive nodes kept FP32."""
+    calib = None
+    desc = None
+    if params.get("mode", "dynamic") == "static":
+        calib, desc = ctx.calibration(int(params.get("samples", CALIBRATION_SAMPLES)))
+    info = int8_transformer(parent.path, out / "model.onnx", mode=params.get("mode", "dynamic"), calibration=calib,
+                            exclude=tuple(params.get("exclude", ())), per_channel=bool(params.get("per_channel", True)),
+                            reduce_range=bool(params.get("reduce_range", False)),
+                            smooth_quant=params.get("smooth_quant"))
+    if desc:
+        info["calibration_data"] = desc
+    return ["model.onnx"] + (["model.onnx.data"] if (out / "model.onnx.data").exists() else []), info

@@ -15,13 +15,18 @@ Folders are built under a temporary name and renamed, so a crash never leaves a 
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ArtifactError
-from ..utils import cache_root, sha256_file, stable_hash
+from ..errors import ArtifactError, OutputPathError
+from ..exporters.onnx import save_onnx
+from ..runtimes.engines import get_backend
+from ..runtimes.session import OrtSession
+from ..utils import atomic_dir, atomic_file, cache_root, ensure_dir, sha256_file, stable_hash
 
+#: variant formats: ``engine:<backend>`` for any backend of :mod:`deepship.runtimes.engines`
 FORMATS = ("torch", "onnx", "engine:onnxruntime", "engine:tensorrt", "engine:inductor")
 
 
@@ -143,22 +148,47 @@ def write_meta(v: Variant, d: Path) -> None:
 def open_variant_session(v: Variant, ctx: Any = None, threads: int | None = None):
     """Open a :class:`~deepship.runtimes.session.Session` for a built variant.
 
-    ``ctx`` (a :class:`~deepship.pipeline.stages.ModelContext`) is needed for torch variants (it
+    ``ctx`` (a :class:`~deepship.pipeline.context.ModelContext`) is needed for torch variants (it
     knows how to build the module).
 
     Raises:
         ArtifactError: the format has no runtime here.
     """
-    from ..runtimes.session import OrtSession
-
     if v.format == "onnx":
         return OrtSession(v.path, threads=threads)
     if v.format.startswith("engine:"):
-        from ..runtimes.engines import get_backend
-
         return get_backend(v.format.split(":", 1)[1]).session(v, threads=threads)
     if v.format == "torch":
         if ctx is None:
             raise ArtifactError(f"variant {v.name} is a torch model; open it through its ModelContext")
         return ctx.torch_session(v, threads=threads)
     raise ArtifactError(f"variant {v.name} has format {v.format}, which no runtime here can run")
+
+
+def publish(v: Variant, dest: str | Path) -> list[Path]:
+    """Copy a variant's artifact out of the cache to ``dest`` (atomically).
+
+    An ``.onnx`` destination gets the model file (and ``DEST.data`` if it has external data);
+    any other destination is a folder that receives every artifact file.
+
+    Raises:
+        OutputPathError: ``dest`` cannot be written.
+    """
+    dest = Path(dest)
+    if v.path is None:
+        raise OutputPathError(f"variant {v.name} has no file to write")
+    if dest.suffix == ".onnx" and v.format == "onnx":
+        ensure_dir(dest.parent)
+        if len(v.files) > 1:  # external data: re-save so the location inside matches the new name
+            import onnx
+
+            return save_onnx(onnx.load(str(v.path)), dest)
+        with atomic_file(dest) as tmp:
+            shutil.copyfile(v.path, tmp)
+        return [dest]
+    if dest.exists() and not dest.is_dir():
+        raise OutputPathError(f"{dest} exists and is not a folder; give a folder or an .onnx path")
+    with atomic_dir(dest) as tmp:
+        for f in v.files:
+            shutil.copyfile(Path(v.dir) / f, tmp / f)
+    return [dest / f for f in v.files]

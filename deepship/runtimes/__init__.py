@@ -1,3 +1,4 @@
-"""Runtimes: one :class:`Session` interface over torch eager, ONNX Runtime and the engine backends,
-plus the latency harness (:mod:`deepship.runtimes.benchmark`)."""
-from .session import OrtSession, Session, TorchSession, open_session  # noqa: F401
+"""Runtimes: one Session interface over torch eager and ONNX Runtime (:mod:`.session`), engine backends
+(:mod:`.engines`), the latency harness (:mod:`.benchmark`), KV-cache runners, sampling and generation
+(:mod:`.kvcache`, :mod:`.sampling`, :mod:`.generate`), and the streaming ASR runner (:mod:`.asr_stream`)."""
+from .session import OrtSession, Session, TorchSession  # noqa: F401

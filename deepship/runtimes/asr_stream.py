@@ -5,7 +5,7 @@ This file needs only ``numpy`` and ``kaldi_native_fbank`` (plus ``onnxruntime`` 
 runner, and deepship uses the same file (one implementation). The model is any object with
 ``run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]`` taking the chunk-step inputs
 (``x``, ``sub_cache``, ``att_cache``, ``conv_cache``, ``lstm_h``, ``lstm_c``) and returning
-``log_probs`` and the ``next_*`` states (see ``deepship/models/asr.py``): an ONNX Runtime session
+``log_probs`` and the ``next_*`` states (see ``deepship/models/asr/``): an ONNX Runtime session
 (:class:`OrtModel`) or deepship's torch/ORT ``Session``.
 
 Streaming (:class:`Stream`): ``accept_waveform(samples, sample_rate)`` feeds audio of any rate (16 kHz

@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..errors import ArtifactError, InputSpecError
+from ..utils import check_onnx_file, default_threads
 
 
 class Session:
@@ -43,11 +44,6 @@ class Session:
             for k, v in res.items():
                 outs.setdefault(k, []).append(v)
         return {k: np.concatenate(v) for k, v in outs.items()}
-
-
-def default_threads() -> int:
-    """Intra-op threads: ``$DEEPSHIP_THREADS`` or the number of cores."""
-    return int(os.environ.get("DEEPSHIP_THREADS", os.cpu_count() or 1))
 
 
 class TorchSession(Session):
@@ -99,28 +95,6 @@ class TorchSession(Session):
                 o = o.float()
             res[name] = o.cpu().numpy()
         return res
-
-
-def check_onnx_file(path: str | os.PathLike) -> None:
-    """Check that an ONNX file exists, parses, and has its external-data files beside it.
-
-    Raises:
-        ArtifactError: missing file, corrupt protobuf, or missing external-data file (named).
-    """
-    import onnx
-
-    p = Path(path)
-    if not p.is_file():
-        raise ArtifactError(f"ONNX file {p} not found; check the path")
-    try:
-        m = onnx.load(str(p), load_external_data=False)
-    except Exception as e:
-        raise ArtifactError(f"{p} is not a valid ONNX model ({type(e).__name__}); re-export it") from None
-    for init in m.graph.initializer:
-        for kv in init.external_data:
-            if kv.key == "location" and not (p.parent / kv.value).is_file():
-                raise ArtifactError(f"external data file {p.parent / kv.value} for {p.name} is missing; "
-                                    "keep the .onnx and its .data file in the same folder")
 
 
 _OPT_LEVELS = ("all", "extended", "basic", "disabled")
@@ -201,7 +175,7 @@ class OrtSession(Session):
         f = {n: self._fit_empty(n, np.ascontiguousarray(feeds[n])) for n in self.input_names}
         try:
             outs = self.sess.run(self.output_names, f)
-        except Exception as e:
+        except Exception:
             shapes = ", ".join(f"{n}{list(a.shape)}:{a.dtype}" for n, a in f.items())
             want = ", ".join(f"{n}{self._in_shapes[n]}:{self._in_types[n]}" for n in self.input_names)
             raise InputSpecError(f"ONNX Runtime rejected inputs {shapes}; the model expects {want}") from None
@@ -215,10 +189,3 @@ class OrtSession(Session):
             return a
         want = tuple(d if isinstance(d, int) else n for d, n in zip(shape, a.shape))
         return a if want == a.shape else np.zeros(want, a.dtype)
-
-
-def open_session(variant: Any, threads: int | None = None) -> Session:
-    """Open a Session for a built variant (see :class:`deepship.pipeline.variants.Variant`)."""
-    from ..pipeline.variants import open_variant_session
-
-    return open_variant_session(variant, threads=threads)

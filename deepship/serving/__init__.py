@@ -7,13 +7,16 @@
 - :mod:`.batcher`: Triton-style dynamic batching with a bounded queue, per-request timeouts and
   503 + ``Retry-After`` under overload.
 - :mod:`.metrics`: Prometheus metrics at ``/metrics``.
-- :mod:`.app`: the FastAPI app, and the extension point for generation and streaming endpoints.
+- :mod:`.extensions`: the extension point for generation and streaming endpoints; :mod:`.generate`
+  (Triton's generate extension for KV-cache decoders) and :mod:`.asr` (WebSocket streaming ASR).
+- :mod:`.app`: the FastAPI app; it installs the registered extensions.
 - :mod:`.server`: ``optimize serve`` (uvicorn) and an in-process server for tests.
 
 See ``docs/serving.md``.
 """
-from .app import InferenceServer, ServerConfig, ServingExtension, create_app, register_extension  # noqa: F401
+from .app import InferenceServer, ServerConfig, create_app  # noqa: F401
 from .batcher import BatcherConfig, DynamicBatcher  # noqa: F401
+from .extensions import ServingExtension, register_extension  # noqa: F401
 from .protocol import RequestError  # noqa: F401
 from .repository import ModelRepository, ServedModel, ServingError, load_repository  # noqa: F401
 from .server import serve, start_in_thread  # noqa: F401

@@ -20,7 +20,7 @@ with 400 (bad input: wrong name, datatype, shape), 404 (unknown model or version
 length missing or over the limit), 415 (compressed body), 503 with ``Retry-After`` (queue full,
 timeout, shutting down) and 500 only when a runtime fails on valid input (the server keeps running).
 
-Extension point (token generation, streaming ASR): a :class:`ServingExtension` registered with
+Extension point (token generation, streaming ASR): a :class:`~deepship.serving.extensions.ServingExtension` registered with
 :func:`register_extension` is installed into every app whose repository holds a model it
 :meth:`~ServingExtension.applies` to; it adds its own routes (HTTP, server-sent events, WebSocket)
 to the FastAPI app and uses the :class:`InferenceServer` (repository, metrics, batchers, config).
@@ -33,16 +33,20 @@ import contextlib
 import re
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
+from .. import __version__
+from . import asr as _asr  # noqa: F401  (the built-in extensions register on import)
+from . import generate as _generate  # noqa: F401
 from .batcher import BatcherConfig, DynamicBatcher
+from .extensions import extensions
 from .metrics import ServingMetrics
-from .protocol import HEADER_LENGTH, RequestError, decode_infer_request, encode_infer_response, model_config, \
-    model_metadata
+from .protocol import (HEADER_LENGTH, RequestError, decode_infer_request, encode_infer_response, model_config,
+                       model_metadata)
 from .repository import ModelRepository, ServedModel, valid_name
 
 SERVER_NAME = "deepship"
@@ -72,36 +76,6 @@ class ServerConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-class ServingExtension(Protocol):
-    """A serving extension: extra endpoints for models that are not plain request/response tensors.
-
-    Attributes:
-        name: listed in ``GET /v2`` ``extensions`` (e.g. ``"generate"``, ``"asr_stream"``).
-    """
-
-    name: str
-
-    def applies(self, model: ServedModel) -> bool:
-        """True if this extension serves ``model`` (look at ``model.kind`` and ``model.extra``)."""
-
-    def install(self, app: FastAPI, server: "InferenceServer") -> None:
-        """Add routes to ``app`` (``@app.post``, ``@app.websocket``); use ``server`` for models and metrics."""
-
-
-_EXTENSIONS: dict[str, ServingExtension] = {}
-
-
-def register_extension(ext: ServingExtension) -> ServingExtension:
-    """Register a :class:`ServingExtension` for every app created afterwards; returns it."""
-    _EXTENSIONS[ext.name] = ext
-    return ext
-
-
-def extensions() -> dict[str, ServingExtension]:
-    """The registered extensions by name."""
-    return dict(_EXTENSIONS)
 
 
 class InferenceServer:
@@ -253,8 +227,6 @@ def create_app(server: InferenceServer) -> "InferMiddleware":
     Start it with uvicorn (:func:`deepship.serving.server.serve` or
     :func:`deepship.serving.server.start_in_thread`); the batchers start in the app's lifespan.
     """
-    from .. import __version__
-
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         await server.start()
@@ -309,9 +281,7 @@ def create_app(server: InferenceServer) -> "InferMiddleware":
         app.get(prefix + "/ready")(model_ready)
         app.get(prefix + "/config")(config)
 
-    from . import asr, generate  # noqa: F401  (register the asr_stream and generate extensions)
-
-    for ext in _EXTENSIONS.values():
+    for ext in extensions().values():
         if any(ext.applies(m) for m in server.repository.models.values()):
             ext.install(app, server)
             server.extensions.append(ext.name)

@@ -28,25 +28,19 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import orjson
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 
-from ..models.spec import TensorSpec
+from ..runtimes.asr_stream import Stream
+from .extensions import register_extension
+from .protocol import RequestError
 from .repository import ServedModel
 
 #: concurrent streams per model
 MAX_STREAMS = 32
-STATE_INPUTS = ("sub_cache", "att_cache", "conv_cache", "lstm_h", "lstm_c")
-
-
-def is_asr_chunk_model(inputs: Sequence[TensorSpec]) -> bool:
-    """True for the streaming ASR chunk graph: inputs ``x`` and the explicit states of ``deepship/models/asr.py``."""
-    return {t.name for t in inputs} == {"x", *STATE_INPUTS}
-
-
 class _BatcherModel:
     """``run(feeds)`` for :class:`Stream`, called in a worker thread: submits the chunk to the event
     loop's batcher and waits for its outputs."""
@@ -71,16 +65,14 @@ class AsrStreamExtension:
         models = {m.name for m in server.repository.models.values() if self.applies(m)}
         if not models:
             return
-        from ..models import asr as A
+        from ..pipeline.arch.asr import stream_config  # heavy (torch): only when an ASR model is served
 
-        fc = A.stream_config()
+        fc = stream_config()
         active = {n: 0 for n in models}
         pool = ThreadPoolExecutor(max_workers=MAX_STREAMS * len(models), thread_name_prefix="asr-stream")
 
         async def stream(ws: WebSocket, name: str, version: str | None = None):
-            from ..models.speech import To16k
-            from ..runtimes.asr_stream import Stream
-            from .protocol import RequestError
+            from ..models.asr.data import To16k  # heavy (torch, through the asr package)
 
             await ws.accept()
             t0 = time.perf_counter()
@@ -183,10 +175,4 @@ async def _refuse(ws: WebSocket, message: str, code: int) -> None:
         pass
 
 
-def _register() -> None:
-    from .app import register_extension
-
-    register_extension(AsrStreamExtension())
-
-
-_register()
+register_extension(AsrStreamExtension())

@@ -44,7 +44,12 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
-from ..errors import DeepshipError
+from ..errors import DeepshipError, InputSpecError
+from ..runtimes.generate import check_max_new_tokens, check_prompt, speculative_generate
+from ..runtimes.generate import generate as gen_loop
+from ..runtimes.kvcache import KVLayout, make_runner
+from ..runtimes.sampling import Sampling
+from .extensions import register_extension
 from .protocol import RequestError
 from .repository import ServedModel
 
@@ -61,7 +66,7 @@ class Decoder:
     """What generation needs beyond the session: KV layout, tokenizer functions, zoo model name."""
 
     model: ServedModel
-    layout: Any  # deepship.runtimes.generate.KVLayout
+    layout: KVLayout
     encode: Any
     decode: Any
     stop_ids: Any
@@ -75,13 +80,13 @@ def decoder_of(model: ServedModel) -> Decoder | None:
         return None
     zoo = str(model.source.get("model", ""))
     try:
-        from ..models import gpt as G
+        from ..models import gpt as G  # heavy (torch, tokenizers): only when a decoder is served
         from ..models import resolve
 
         cfg = G.config_of(resolve(zoo))
     except (DeepshipError, KeyError, ValueError, TypeError, ImportError):
         return None
-    return Decoder(model, cfg.layout(), G.encode, G.decode, G.stop_token_ids, zoo,
+    return Decoder(model, KVLayout.of(cfg), G.encode, G.decode, G.stop_token_ids, zoo,
                    str(model.source.get("precision", "")))
 
 
@@ -118,10 +123,6 @@ class GenerateExtension:
 
         def prepare(d: Decoder, body: bytes):
             """Validate the request; returns ``(run(on_tokens) -> GenerationResult, prompt_len)``."""
-            from ..errors import InputSpecError
-            from ..runtimes.generate import Sampling, make_runner, speculative_generate
-            from ..runtimes.generate import generate as gen_loop
-
             try:
                 req = orjson.loads(body or b"{}")
                 assert isinstance(req, dict)
@@ -167,8 +168,6 @@ class GenerateExtension:
                 return gen_loop(runner, ids, max_tokens, sampling=sampling, stop_tokens=stop_ids, on_tokens=on_tokens)
 
             # the checks the loop makes first (prompt, limits, sampling), before any event is sent
-            from ..runtimes.generate import check_max_new_tokens, check_prompt
-
             try:
                 check_prompt(ids, d.layout)
                 check_max_new_tokens(max_tokens)
@@ -178,8 +177,6 @@ class GenerateExtension:
             return run, int(ids.shape[1]), (draft.model.name if draft is not None else None)
 
         def draft_for(d: Decoder, name: str | None) -> Decoder:
-            from ..errors import InputSpecError
-
             if name:
                 m = server.repository.get(str(name))
                 dd = decoders.get(m.name) if m is not None else None
@@ -312,10 +309,4 @@ def _sse(obj: dict) -> bytes:
     return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
-def _register() -> None:
-    from .app import register_extension
-
-    register_extension(GenerateExtension())
-
-
-_register()
+register_extension(GenerateExtension())

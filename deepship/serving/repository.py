@@ -30,8 +30,12 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from ..errors import ArtifactError, DeepshipError, InputSpecError
+from ..errors import ArtifactError, DeepshipError, InputSpecError, StageError
 from ..models.spec import TensorSpec, parse_input_spec
+from ..pipeline.variants import Variant
+from ..runtimes.engines import get_backend
+from ..runtimes.session import OrtSession
+from ..utils import sha256_file
 from .protocol import ORT_TO_NUMPY
 
 #: Valid served-model names: 1-128 characters, letters, digits, ``.``, ``_``, ``-``; no ``..``.
@@ -190,9 +194,6 @@ def sources_from_report(report_path: str | os.PathLike, variants: Sequence[str] 
 def _backend_unavailable(backend: str) -> str:
     """Why an engine backend cannot run here (``""`` if it can): unknown, or its library or device
     is missing (a TensorRT engine in a report built on the GPU machine, served on a CPU one)."""
-    from ..errors import StageError
-    from ..runtimes.engines import get_backend
-
     try:
         ok, why = get_backend(backend).available()
     except StageError as e:
@@ -206,9 +207,6 @@ def _variant_from_meta(d: Path, name: str):
     Raises:
         ArtifactError: no or unreadable ``meta.json``, a missing file, a checksum mismatch.
     """
-    from ..pipeline.variants import Variant
-    from ..utils import sha256_file
-
     meta = d / "meta.json"
     if not meta.is_file():
         raise ArtifactError(f"{meta} is missing for {name}; serve the variant folder from the cache or rebuild it")
@@ -250,8 +248,6 @@ def sources_from_paths(paths: Iterable[str]) -> list[ModelSource]:
                                   {"model": v.model, "variant": v.name, "format": fmt, "precision": v.precision,
                                    "artifact": str(Path(v.dir) / v.files[0])})
             elif (p / "engine.json").is_file() and (p / "model.ort.onnx").is_file():
-                from ..pipeline.variants import Variant
-
                 files = ["model.ort.onnx"] + (["model.ort.onnx.data"] if (p / "model.ort.onnx.data").is_file() else [])
                 v = Variant(p.name, "ort-engine", None, "engine", "onnxruntime", {}, "engine:onnxruntime", "fp32", "",
                             dir=str(p.resolve()), files=files + ["engine.json"], runtime="onnxruntime")
@@ -297,13 +293,8 @@ def open_source(src: ModelSource, threads: int | None = None):
         ArtifactError: missing or corrupt model, missing external data, unknown format.
     """
     if src.format == "onnx":
-        from ..runtimes.session import OrtSession
-
         return OrtSession(src.path, threads=threads)
     if src.format.startswith("engine:"):
-        from ..errors import StageError
-        from ..runtimes.engines import get_backend
-
         try:
             return get_backend(src.format.split(":", 1)[1]).session(src.variant, threads=threads)
         except StageError as e:
@@ -401,14 +392,17 @@ def build_model(src: ModelSource, max_batch_size: int, threads: int | None = Non
     backend = "onnxruntime" if src.format == "onnx" else src.format.split(":", 1)[-1]
     return ServedModel(src.name, sess, ins, outs, max_batch_size if batchable else 0,
                        platform=TRITON_PLATFORMS.get(backend, f"deepship_{backend}"), backend=backend,
-                       source=info, kind="decoder" if decoder else ("streaming-asr" if _is_asr(ins) else "tensor"),
+                       source=info, kind="decoder" if decoder else ("streaming-asr" if is_asr_chunk_model(ins) else "tensor"),
                        extra=src.extra)
 
 
-def _is_asr(ins: Sequence[TensorSpec]) -> bool:
-    from .asr import is_asr_chunk_model
+#: the explicit states of the streaming ASR chunk graph (:mod:`deepship.models.asr`)
+ASR_STATE_INPUTS = ("sub_cache", "att_cache", "conv_cache", "lstm_h", "lstm_c")
 
-    return is_asr_chunk_model(ins)
+
+def is_asr_chunk_model(inputs: Sequence[TensorSpec]) -> bool:
+    """True for the streaming ASR chunk graph: inputs ``x`` and the explicit states of :mod:`deepship.models.asr`."""
+    return {t.name for t in inputs} == {"x", *ASR_STATE_INPUTS}
 
 
 def is_kv_decoder(inputs: Sequence[TensorSpec]) -> bool:

@@ -45,8 +45,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ...errors import ArtifactError, InputSpecError, StageError
-from ..session import Session, default_threads
-from . import register_backend
+from ...models.spec import EXAMPLE_DIM_SIZES
+from ...utils import default_threads
+from ..session import Session
+from . import BuildSource, register_backend
 
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 
@@ -94,8 +96,6 @@ def _cast_wrapper(module: Any, dtype: Any):
 
 def _dim_sizes(spec: Any, dataset: Any) -> dict[str, int]:
     """Sizes for the export example: batch 2, other named dims from the real data where there is some."""
-    from ...models.spec import EXAMPLE_DIM_SIZES
-
     sizes = dict(EXAMPLE_DIM_SIZES)
     if dataset is not None:
         for t in spec.inputs:
@@ -445,33 +445,34 @@ class InductorBackend:
             return False, "AOTInductor needs a C++ compiler: apt-get install -y g++"
         return True, ""
 
-    def build(self, parent: Any, out_dir: Path, precision: str, params: dict, ctx: Any = None) -> tuple[list[str], dict]:
-        """Compile the torch variant ``parent`` of ``ctx`` into ``out_dir/model.pt2``.
+    def build(self, source: BuildSource, out_dir: Path, precision: str, params: dict) -> tuple[list[str], dict]:
+        """Compile the torch module of ``source`` into ``out_dir/model.pt2`` (+ ``engine.json``).
 
-        ``params``: ``device`` (default ``cuda`` when a GPU is present, else ``cpu``), ``samples``
-        (INT8 calibration samples, default 256), ``shapes`` (``{dim: (min, opt, max)}``).
+        ``params``: ``device`` (default ``cuda`` when a GPU is present, else ``cpu``), ``shapes``
+        (``{dim: (min, opt, max)}``). INT8 calibrates on ``source.calibration()``.
 
         Raises:
-            StageError: no ModelContext, a non-torch parent, or any :func:`compile_package` error.
+            StageError: no torch module in ``source``, INT8 without calibration data, or any
+                :func:`compile_package` error.
         """
         import torch
 
-        if ctx is None or parent.format != "torch":
+        if source.module is None:
             raise StageError("the inductor backend compiles a torch model; start from the torch variant")
         device = params.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
-        module = ctx.torch_session(parent).module
+        module = source.module
         calib = None
         calib_desc = None
         if precision == "int8":
-            from ...pipeline.stages import CALIBRATION_SAMPLES
-
-            calib, calib_desc = ctx.calibration(int(params.get("samples", CALIBRATION_SAMPLES)))
+            if source.calibration is None:
+                raise StageError("INT8 AOTInductor needs calibration samples; build it through the engine stage")
+            calib, calib_desc = source.calibration()
         ranges = {k: tuple(v) for k, v in (params.get("shapes") or {}).items()}
-        info = compile_package(module, ctx.spec, out_dir / "model.pt2", precision, device, calibration=calib,
-                               dataset=ctx.dataset(), ranges=ranges or None)
+        spec = source.spec
+        info = compile_package(module, spec, out_dir / "model.pt2", precision, device, calibration=calib,
+                               dataset=source.dataset, ranges=ranges or None)
         if calib_desc:
             info["calibration_data"] = calib_desc
-        spec = ctx.spec
         static = {t.name: {ax: info["static_dims"][n] for ax, n in t.dynamic_dims.items() if n in info["static_dims"]}
                   for t in spec.inputs}
         meta = {"backend": "inductor", "precision": precision, "device": device, "torch": torch.__version__,

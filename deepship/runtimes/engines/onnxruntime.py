@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import ArtifactError, StageError
+from ...utils import cache_root, check_onnx_file, default_threads
 from ..session import OrtSession, session_options
-from . import register_backend
+from . import BuildSource, register_backend
+from .providers import create_session, provider_options, resolve_providers, trt_profile_shapes
 
 
 class OnnxRuntimeBackend:
@@ -24,8 +26,8 @@ class OnnxRuntimeBackend:
     The execution providers are resolved and recorded by :mod:`.providers`: ``engine.json`` holds the
     providers asked for, those that loaded, per-EP node counts from a profiled run, and the EP that
     ran (``provider_record``); the engine session profiles one run at open time too, so the
-    report's ``provider`` is the EP that ran there. Precision comes from the parent (FP16 and INT8 QDQ
-    ONNX variants, see :meth:`parent_for`), except on the TensorRT EP, which builds FP16 from the
+    report's ``provider`` is the EP that ran there. Precision comes from the source (FP16 and INT8 QDQ
+    ONNX variants, picked by :func:`deepship.pipeline.engines.engine_source`), except on the TensorRT EP, which builds FP16 from the
     FP32 model with ``trt_fp16_enable``. With a GPU EP first, the offline graph is written at the
     provider-independent ``basic`` level and the session optimizes at ``all``.
     """
@@ -37,23 +39,14 @@ class OnnxRuntimeBackend:
     def available(self) -> tuple[bool, str]:
         return True, ""
 
-    def parent_for(self, ctx: Any, precision: str, params: dict) -> Any:
-        """The ONNX variant to build from: FP32 ONNX, the FP16 model, or the INT8 static QDQ model."""
-        from ... import api
-        from .providers import resolve_providers
+    def build(self, parent: BuildSource, out_dir: Path, precision: str, params: dict) -> tuple[list[str], dict]:
+        """Write ``model.ort.onnx`` (ONNX Runtime's optimized graph) and ``engine.json`` (session options,
+        providers asked for and run).
 
-        if precision not in self.precisions:
-            raise StageError(f"the onnxruntime engine builds {', '.join(self.precisions)}; got '{precision}'")
-        trt_first = resolve_providers(params.get("providers"))[0] == "TensorrtExecutionProvider"
-        if precision == "fp32" or (precision == "fp16" and trt_first):
-            return api._onnx_parent(ctx)
-        return api.quantize(ctx, "fp16" if precision == "fp16" else "int8-static")
-
-    def build(self, parent: Any, out_dir: Path, precision: str, params: dict) -> tuple[list[str], dict]:
+        Raises:
+            StageError: a precision this backend does not build, or one that differs from the source's.
+        """
         import onnxruntime as ort
-
-        from ...utils import cache_root
-        from .providers import create_session, provider_options, resolve_providers, trt_profile_shapes
 
         providers = resolve_providers(params.get("providers"))
         trt_first = providers[0] == "TensorrtExecutionProvider"
@@ -110,9 +103,6 @@ class EngineOrtSession(OrtSession):
 
     def __init__(self, path: Any, providers: list, provider_options: list | None = None, threads: int | None = None,
                  graph_optimization_level: str = "disabled"):
-        from ..session import check_onnx_file, default_threads
-        from .providers import create_session
-
         check_onnx_file(path)
         self.threads = threads or default_threads()
         try:

@@ -31,6 +31,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ...errors import StageError
+from .tensorrt import profile_shapes
 
 ALIASES = {
     "tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider",
@@ -141,8 +142,6 @@ def trt_profile_shapes(onnx_path: str | Path, ranges: Mapping[str, Sequence[int]
         ranges: ``{dim name: (min, opt, max)}`` (see :func:`deepship.runtimes.engines.tensorrt.parse_shapes`;
             defaults from :func:`~deepship.runtimes.engines.tensorrt.dim_range`).
     """
-    from .tensorrt import profile_shapes
-
     prof = profile_shapes(onnx_path, ranges)
     return {k: ",".join(f"{name}:{'x'.join(str(d) for d in s[k])}" for name, s in prof.items())
             for k in ("min", "opt", "max")} if prof else {}

@@ -41,9 +41,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ...errors import ArtifactError, InputSpecError, StageError
-from ...utils import atomic_file, cache_root, stable_hash
+from ...models.user import onnx_spec
+from ...utils import atomic_file, cache_root
 from ..session import Session
-from . import register_backend
+from . import BuildSource, register_backend
 
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -93,8 +94,6 @@ def dim_range(name: str, ranges: Mapping[str, Sequence[int]] | None = None) -> t
 
 def profile_shapes(path: str | Path, ranges: Mapping[str, Sequence[int]] | None = None) -> dict[str, dict[str, list[int]]]:
     """``{input: {"min": [...], "opt": [...], "max": [...]}}`` for the inputs with dynamic dims."""
-    from ...models.user import onnx_spec
-
     out = {}
     for t in onnx_spec(str(path)).inputs:
         name, dims = t.name, list(t.dims)
@@ -190,25 +189,9 @@ def fold_bias_dequantize(model: Any) -> int:
     return folded
 
 
-def tensorrt_qdq(src: str | Path, out: str | Path, calibration: Mapping[str, np.ndarray],
-                 method: str = "minmax") -> dict[str, Any]:
-    """An explicit-quantization (QDQ) model TensorRT can build: symmetric INT8, FP32 biases.
-
-    Runs :func:`deepship.pipeline.quantize.int8_static` with ``symmetric_activations=True`` (signed INT8
-    activations, zero point 0) and then :func:`fold_bias_dequantize`.
-
-    Returns:
-        The quantizer's info plus ``bias_dq_folded``.
-    """
-    import onnx
-
-    from ...pipeline.quantize import int8_static
-
-    info = int8_static(Path(src), Path(out), calibration, method=method, per_channel=True, symmetric_activations=True)
-    m = onnx.load(str(out))
-    info["bias_dq_folded"] = fold_bias_dequantize(m)
-    onnx.save_model(m, str(out))
-    return info
+#: how the engine stage makes TensorRT's INT8 QDQ source: ONNX Runtime static QDQ, symmetric INT8
+#: activations (zero point 0, what TensorRT's explicit quantization takes), per-channel weights
+qdq_recipe = {"per_channel": True, "symmetric_activations": True}
 
 
 def _entropy_calibrator(trt: Any, calibration: Mapping[str, np.ndarray], input_names: Sequence[str],
@@ -488,16 +471,19 @@ class TensorRTBackend:
         trt, _ = import_tensorrt()
         return (True, "") if trt is not None else (False, INSTALL_HINT)
 
-    def parent_for(self, ctx: Any, precision: str, params: dict) -> Any:
-        """FP32 ONNX, except FP16 on TensorRT-RTX (strongly typed): the FP16 ONNX variant."""
-        from ... import api
+    def build(self, source: BuildSource, out_dir: Path, precision: str, params: dict) -> tuple[list[str], dict]:
+        """Build ``model.engine`` and ``engine.json`` from the ONNX file of ``source``.
 
-        _, flavour = import_tensorrt()
-        if precision == "fp16" and flavour == "tensorrt_rtx":
-            return api.quantize(ctx, "fp16")
-        return api._onnx_parent(ctx)
+        INT8 takes either a QDQ source (``source.precision == "int8"``; its INT32 bias dequantizations
+        are folded, :func:`fold_bias_dequantize`; the engine stage makes one with :func:`qdq_recipe`),
+        or an FP32 source with ``params["calibration"] == "entropy-calibrator"`` and
+        ``source.calibration``.
 
-    def build(self, parent: Any, out_dir: Path, precision: str, params: dict, ctx: Any = None) -> tuple[list[str], dict]:
+        Raises:
+            StageError: TensorRT missing (with the install line), an unknown precision or calibration
+                mode, INT8 from FP32 without calibration data, or a build error (per-node parser errors).
+        """
+        parent = source
         trt, flavour = import_tensorrt()
         if trt is None:
             raise StageError(INSTALL_HINT)
@@ -512,19 +498,13 @@ class TensorRTBackend:
             src = Path(parent.path)
             calibrator = None
             if precision == "int8" and parent.precision == "fp32":
-                if ctx is None:
-                    raise StageError("INT8 TensorRT needs calibration samples: build it through a ModelContext")
-                from ...pipeline.stages import CALIBRATION_SAMPLES
-
-                calib, desc = ctx.calibration(int(params.get("samples", CALIBRATION_SAMPLES)))
+                if source.calibration is None or mode != "entropy-calibrator":
+                    raise StageError("INT8 TensorRT from an FP32 model needs a QDQ source (calibration qdq) or "
+                                     "calibration samples (calibration entropy-calibrator)")
+                calib, desc = source.calibration()
                 info["calibration_data"] = desc
-                if mode == "qdq":
-                    src = Path(td) / "model.qdq.onnx"
-                    q = tensorrt_qdq(parent.path, src, calib)
-                    info["qdq"] = {k: q[k] for k in ("nodes", "calibration", "bias_dq_folded") if k in q}
-                else:
-                    calibrator = _entropy_calibrator(trt, calib, [t.name for t in ctx.spec.inputs],
-                                                     cache_root() / "tensorrt" / f"calib-{stable_hash([parent.key, ctx.data_key(), len(next(iter(calib.values())))])}.cache")
+                calibrator = _entropy_calibrator(trt, calib, [t.name for t in source.spec.inputs],
+                                                 cache_root() / "tensorrt" / f"calib-{source.key}.cache")
             elif parent.precision == "int8":  # a QDQ variant given as source: fold its INT32 biases
                 import onnx
 

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError
-from ..utils import atomic_file, cache_root, stable_hash
+from ...errors import DataError
+from ...utils import atomic_file, cache_root, stable_hash
 
 SAMPLE_RATE = 16000
 N_MELS = 80

@@ -1,72 +1,9 @@
-"""A selective state-space language model (Mamba, in its Mamba-2 "SSD" form) on tiny-shakespeare.
-
-| zoo name | architecture | parameters | data | metric |
-|---|---|---|---|---|
-| ``mamba`` | 12 residual Mamba-2 blocks, d_model 128, expand 2 (d_inner 256), 4 heads of 64, d_state 16, conv kernel 4, tied LM head | 1.39M (1,388,176) | tiny-shakespeare, the GPT's byte-level BPE (1,024) | held-out perplexity (lower is better), bigram reference |
-
-**Sources.** Gu & Dao 2023, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces"
-(arXiv:2312.00752): the selective SSM (input-dependent step size Δ and projections B, C), the block
-layout (in_proj to x and a gate z, causal depthwise conv1d, SiLU, SSM, gating by SiLU(z), out_proj),
-residual blocks with RMSNorm, tied embeddings. Dao & Gu 2024, "Transformers are SSMs: Generalized
-Models and Efficient Algorithms Through Structured State Space Duality" (arXiv:2405.21060): the
-Mamba-2 restriction of A to a scalar per head, B and C shared by all heads (one group), the conv over
-x, B and C together, the gated RMSNorm before out_proj, and the *SSD* (state space dual) quadratic
-form used here for whole sequences.
-
-**The two equivalent forms.** Per head ``h`` with scalar ``A_h < 0``, state ``H_t`` (``head_dim x
-d_state``), input ``x_t`` (``head_dim``), ``B_t, C_t`` (``d_state``) and step size ``Δ_t > 0``:
-
-- *recurrent* (the step graph, streaming): ``H_t = exp(Δ_t A_h) H_{t-1} + Δ_t x_t B_tᵀ``,
-  ``y_t = H_t C_t + D_h x_t``;
-- *parallel* (the zoo graph, training, prefill): ``y = (L ∘ C Bᵀ) (Δ x) + D x`` with the causal
-  decay matrix ``L_ts = exp(Σ_{k=s+1..t} Δ_k A_h)`` for ``s <= t`` and 0 above the diagonal (the
-  "segsum" of Dao & Gu 2024, section 6 / their ``ssd_minimal`` reference). Both are exact, so the step
-  graph reproduces the whole-sequence logits to float32 rounding.
-
-The parallel form is plain matmuls, exp, cumsum and masks over the sequence dimension: no Python
-loop over time, so ``torch.onnx.export(dynamo=True)`` keeps ``seq`` dynamic (see the field notes). The
-exported graph uses the single-chunk quadratic form :func:`ssd` (work ``L²`` per head, like
-attention). Eager PyTorch (training, the 384-token evaluation windows) uses the chunked SSD algorithm
-:func:`ssd_chunked` (chunks of 32 tokens, work ``L x 32``; 2-3x faster here) when the length is a
-multiple of the chunk; both compute the same map. The chunked form is not exported: a padded variant
-exported without error but the exporter froze the *number of chunks* of the example (ONNX Runtime
-then failed at other lengths), so the whole-sequence graph stays quadratic.
-
-**Numerics of the segment sums.** ``segsum[t, s] = Σ_{k=s+1..t} a_k`` (``a = Δ A <= 0``) is computed
-as a cumulative sum over ``t`` of the masked matrix ``a_k [k > s]`` (each entry sums only its own
-segment), not as the difference ``cumsum_t - cumsum_s`` of two long running sums: over a 384-token
-window the running sums reach thousands, and their difference would lose about 3 decimal digits on
-the near-diagonal entries that matter most. Entries above the diagonal are set to ``-inf`` with
-``masked_fill`` *before* ``exp`` (``exp(-inf) = 0``; no overflow, no NaN gradients).
-
-**Data, tokenizer, metric, training.** Reused from :mod:`deepship.models.gpt`: the same text split,
-tokenizer, held-out perplexity over all held-out tokens in non-overlapping 384-token windows (so the
-number is directly comparable with the GPT's), the bigram reference, and the same seeded training loop
-(:func:`deepship.models.gpt.train_gpt`: AdamW, warm-up + cosine, random 384-token windows from the
-training split only). Recipe: 700 steps of 2 x 384 tokens (537,600 tokens, a third of the GPT's),
-lr 5e-3, 1 thread (faster than 2 on the shared 2-core machine); 578 s measured at load average ~10. Weights are stored as float16 (rounded at the end of training) and computed in
-float32.
-
-Graphs:
-
-1. the zoo graph ``input_ids:int64[batch,seq] -> logits:float32[batch,seq,vocab]`` (dynamic batch
-   and seq), exported and parity-checked by the pipeline (``optimize export mamba``);
-2. the *step graph* for streaming generation (:func:`export_step_graph`): ``input_ids`` int64
-   ``(batch, 1)`` and, per layer ``i``, ``conv_state.{i}`` float32 ``(batch, conv_channels, d_conv - 1)``
-   (the last inputs of the causal conv) and ``ssm_state.{i}`` float32 ``(batch, n_heads, head_dim,
-   d_state)`` (the SSM state ``H``) -> ``logits`` ``(batch, 1, vocab)``, ``next_conv_state.{i}``,
-   ``next_ssm_state.{i}``. Constant memory per token, whatever the length of the stream.
-
-Reproduce the committed weights (``deepship/models/weights/mamba.safetensors``)::
-
-    DEEPSHIP_TRAIN_LOG=1 optimize train mamba --out deepship/models/weights
-"""
+"""The Mamba-2 module, its config, the SSD kernels and the step graph's signature (torch only); see
+:mod:`deepship.models.mamba`."""
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -74,10 +11,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import ExportError, InputSpecError
-from . import gpt
-from .spec import ArchConfig, Dataset, ModelSpec, Split, TensorSpec
-from .train import fp16_storage, train_log
+from ...errors import InputSpecError
+from ..spec import ArchConfig, ModelSpec, TensorSpec
+from ..train import fp16_storage
 
 # ---- configuration ------------------------------------------------------------------------------
 
@@ -402,7 +338,7 @@ def StepGraph(model: Mamba) -> nn.Module:
     def forward(self, *args):
         return self.model.step(*args)
 
-    # the same explicit-signature technique as deepship.pipeline.prune.load_pt2_module
+    # the same explicit-signature technique as deepship.models.user.load_pt2_module
     forward.__signature__ = inspect.Signature([inspect.Parameter("self", kind)] +
                                               [inspect.Parameter(n, kind) for n in names])
     cls = type(f"MambaStepGraph{model.cfg.n_layer}", (_StepGraph,), {"forward": forward, "__doc__": StepGraph.__doc__})
@@ -430,7 +366,7 @@ def zero_states(cfg: MambaConfig, batch: int) -> dict[str, np.ndarray]:
 
 
 def step_spec(cfg: MambaConfig) -> ModelSpec:
-    """A :class:`ModelSpec` describing the step graph (for :func:`deepship.exporters.onnx.export_onnx`):
+    """A :class:`ModelSpec` describing the step graph (for :func:`deepship.exporters.mamba.export_step_graph`):
     inputs ``input_ids:int64[batch,1]`` and the states (dynamic ``batch``), outputs ``logits`` and the
     next states. States for the random parity inputs lie in [-1, 1]."""
     shapes = state_shapes(cfg, 1)
@@ -438,16 +374,6 @@ def step_spec(cfg: MambaConfig) -> ModelSpec:
     inputs += [TensorSpec(n, ("batch",) + shapes[n][1:], "float32", -1.0, 1.0) for n in state_names(cfg)]
     return ModelSpec(name="mamba-step", task="language-modeling", build=None, inputs=inputs,
                      output_names=["logits"] + state_names(cfg, "next_"))
-
-
-# ---- step graph: export, parity, generation ------------------------------------------------------------
-
-def step_session_torch(model: Mamba, threads: int | None = None):
-    """A :class:`~deepship.runtimes.session.TorchSession` running ``model.step`` with the step graph's names."""
-    from ..runtimes.session import TorchSession
-
-    spec = step_spec(model.cfg)
-    return TorchSession(StepGraph(model).eval(), [t.name for t in spec.inputs], spec.output_names, threads=threads)
 
 
 def stream_logits(session: Any, cfg: MambaConfig, ids: np.ndarray, states: dict | None = None
@@ -503,182 +429,3 @@ def generate(session: Any, cfg: MambaConfig, prompt: Sequence[int] | np.ndarray,
         nxt = res["logits"][:, -1].argmax(-1)
         out.append(nxt)
     return np.stack(out, 1).astype(np.int64)
-
-
-def step_parity(step_session: Any, model: Mamba, ids: np.ndarray) -> dict[str, Any]:
-    """Compare the step graph streamed over ``ids`` (int64 ``(batch, n)``) with the whole-sequence torch
-    logits, and its final states with :meth:`Mamba.prefill`'s.
-
-    Returns:
-        ``{"steps": n, "max_abs_logits", "max_abs_state", "same_argmax": fraction}``.
-    """
-    logits, st = stream_logits(step_session, model.cfg, ids)
-    with torch.no_grad():
-        ref = model.prefill(torch.from_numpy(np.asarray(ids, np.int64)))
-    ref_logits = ref[0].numpy()
-    ref_states = dict(zip(state_names(model.cfg), (t.numpy() for t in ref[1:])))
-    return {"steps": int(ids.shape[1]), "max_abs_logits": float(np.abs(logits - ref_logits).max()),
-            "max_abs_state": max(float(np.abs(st[n] - ref_states[n]).max()) for n in ref_states),
-            "same_argmax": float((logits.argmax(-1) == ref_logits.argmax(-1)).mean())}
-
-
-def export_step_graph(model: Mamba, out_path: str | Path, steps: int = 32, atol: float = 1e-4) -> dict[str, Any]:
-    """Export the step graph to ONNX (dynamo exporter, dynamic ``batch``) and check it.
-
-    Checks: parity with ``model.step`` at batch 2 and 3 on random states (by
-    :func:`deepship.exporters.onnx.export_onnx`), then ``steps`` tokens streamed through ONNX Runtime
-    against the whole-sequence torch forward (:func:`step_parity`, 2 rows of held-out text).
-
-    Returns:
-        ``{"path", "files", "parity": export parity, "steps": step parity}``.
-
-    Raises:
-        ExportError: the export failed, fixed the batch dim, or either parity check failed (> ``atol``).
-    """
-    from ..exporters.onnx import export_onnx
-    from ..runtimes.session import OrtSession
-
-    model = model.eval()
-    res = export_onnx(StepGraph(model).eval(), step_spec(model.cfg), out_path, atol=atol)
-    held = gpt.corpus()[1]
-    ids = np.stack([held[:steps], held[1000:1000 + steps]])
-    sp = step_parity(OrtSession(res.path, threads=1), model, ids)
-    sp["ok"] = sp["max_abs_logits"] <= atol and sp["max_abs_state"] <= atol
-    if not sp["ok"]:
-        raise ExportError(f"step-graph parity failed over {steps} tokens: max abs logits {sp['max_abs_logits']:.3g}, "
-                          f"states {sp['max_abs_state']:.3g} > {atol:g}")
-    return {"path": res.path, "files": res.files, "parity": res.parity, "steps": sp}
-
-
-# ---- data, metric --------------------------------------------------------------------------------------
-
-def dataset(cfg: MambaConfig = TARGET) -> Dataset:
-    """The report's data: :func:`deepship.models.gpt.dataset`'s windows (held-out ``test``: 32 x 64
-    tokens; ``train``: 256 x 64 for calibration) with ``input_ids`` only (no KV cache here)."""
-    ds = gpt.dataset(gpt.TARGET)
-    keep = lambda s: Split({"input_ids": s.inputs["input_ids"]}, s.targets)  # noqa: E731
-    return Dataset(keep(ds.train), keep(ds.test), ds.source)
-
-
-def perplexity(session: Any, cfg: MambaConfig = TARGET, ids: np.ndarray | None = None, batch: int = 8) -> float:
-    """Held-out perplexity of a session (inputs ``input_ids``, output ``logits``), by
-    :func:`deepship.models.gpt.perplexity`: all held-out tokens (default) in non-overlapping windows of
-    ``cfg.context`` tokens, as for the GPT, so the numbers compare."""
-    return gpt.perplexity(session, ids=ids, window=cfg.context, batch=batch)
-
-
-# ---- training and spec -----------------------------------------------------------------------------------
-
-RECIPE = {
-    "arch": TARGET.to_dict(), "tokenizer": gpt.tokenizer_hash(), "steps": 700, "batch_size": 2,
-    "seq_len": TARGET.context, "lr": 5e-3, "min_lr_ratio": 0.1, "warmup": 50, "weight_decay": 0.1,
-    "betas": [0.9, 0.95], "grad_clip": 1.0, "seed": 0, "threads": 1,
-}
-
-
-def train_mamba(model: Mamba, ds: Dataset | None, recipe: dict) -> dict:
-    """The GPT's seeded loop (:func:`deepship.models.gpt.train_gpt`) on this model: random training
-    windows, AdamW (no decay on 1-D parameters: norms, ``A_log``, ``D``, ``dt_bias``, conv bias),
-    warm-up + cosine; weights rounded to float16 at the end.
-
-    Returns:
-        ``{"train_s", "final_loss", "tokens_seen"}``.
-    """
-    return gpt.train_gpt(model, ds, recipe, progress=train_log("mamba"))
-
-
-def build(arch: dict | None = None) -> Mamba:
-    """An untrained :class:`Mamba` with :data:`TARGET` updated by ``arch``."""
-    return Mamba(MambaConfig.from_dict({**TARGET.to_dict(), **(arch or {})}))
-
-
-def _plan(default_plan: list) -> list:
-    """Report rows: FP32 torch (baseline), FP32 ONNX, INT8 dynamic, INT4 weight-only (MatMulNBits, block 32)."""
-    return [("fp32-onnx", "export", "onnx", {}, "fp32-torch"),
-            ("int8-dynamic", "quantize", "int8-dynamic", {}, "fp32-onnx"),
-            ("int4-b32", "quantize", "int4-weight-only", {"block_size": 32}, "fp32-onnx")]
-
-
-def _step_graph_path(ctx: Any) -> Path:
-    from ..utils import cache_root, stable_hash
-
-    return cache_root() / "mamba" / f"step-{stable_hash([ctx.identity(), 'step', 1])}" / "step.onnx"
-
-
-def step_graph(ctx: Any) -> Path:
-    """The FP32 step graph of a ``mamba`` :class:`~deepship.pipeline.stages.ModelContext`, exported
-    (with the 32-token parity check) on first use and cached under ``$DEEPSHIP_CACHE/mamba``."""
-    p = _step_graph_path(ctx)
-    if not p.is_file():
-        p.parent.mkdir(parents=True, exist_ok=True)
-        export_step_graph(ctx.module(), p)
-    return p
-
-
-def report_measures(ctx: Any, variant: Any, session: Any, new_tokens: int = 64, repeats: int = 3) -> dict:
-    """Extra report measures (the ModelSpec ``measure`` hook), for the FP32 torch and FP32 ONNX rows:
-    greedy streaming generation through the step graph (torch ``step`` or the ONNX step graph) after a
-    64-token held-out prompt, batch 1.
-
-    Returns:
-        ``{"step_tok_s_b1": generated tokens/s (prompt streaming excluded), median of ``repeats``}``, or
-        ``{}`` for other variants.
-    """
-    from ..runtimes.session import OrtSession
-
-    if variant.name not in ("fp32-torch", "fp32-onnx"):
-        return {}
-    cfg = config_of(ctx.spec)
-    threads = getattr(session, "threads", None)
-    if variant.format == "torch":
-        sess = step_session_torch(ctx.module(), threads=threads)
-    else:
-        sess = OrtSession(step_graph(ctx), threads=threads)
-    prompt = gpt.heldout_prompts(1, gpt.REPORT_PROMPT_TOKENS)
-    _, st = stream_logits(sess, cfg, prompt)
-    rates = []
-    for _ in range(repeats):
-        nxt = prompt[:, -1:]
-        s = dict(st)
-        t0 = time.perf_counter()
-        for _ in range(new_tokens):
-            res = sess.run({"input_ids": nxt, **s})
-            s = {n: res["next_" + n] for n in state_names(cfg)}
-            nxt = res["logits"][:, -1].argmax(-1)[:, None].astype(np.int64)
-        rates.append(new_tokens / (time.perf_counter() - t0))
-    return {"step_tok_s_b1": round(float(np.median(rates)), 1)}
-
-
-def config_of(spec: ModelSpec) -> MambaConfig:
-    """The :class:`MambaConfig` of a ``mamba`` spec.
-
-    Raises:
-        InputSpecError: the spec is not this module's.
-    """
-    cfg = (spec.extra or {}).get("config")
-    if cfg is None or spec.extra.get("family") != "mamba":
-        raise InputSpecError(f"model '{spec.name}' is not a Mamba language model; use mamba")
-    return MambaConfig.from_dict(cfg)
-
-
-def mamba_spec() -> ModelSpec:
-    """The ``mamba`` zoo entry."""
-    cfg = TARGET
-    return ModelSpec(
-        name="mamba", task="language-modeling", build=build,
-        inputs=[TensorSpec("input_ids", ("batch", "seq"), "int64", 0, cfg.vocab_size)], output_names=["logits"],
-        metric=gpt.PERPLEXITY, data=lambda: dataset(cfg), recipe=dict(RECIPE), train=train_mamba,
-        evaluate=lambda session: perplexity(session, cfg), baselines=lambda ds: [gpt.bigram_baseline()],
-        description=(f"Mamba-2 selective SSM LM ({cfg.n_layer} blocks, d_model {cfg.d_model}, d_state {cfg.d_state}, "
-                     "SSD parallel form + recurrent step graph), tiny-shakespeare byte-level BPE"),
-        plan=_plan, measure=report_measures, extra={"config": cfg.to_dict(), "family": "mamba"},
-    )
-
-
-def load_trained() -> tuple[Mamba, MambaConfig]:
-    """The trained ``mamba`` module (committed weights, cache, or a training run) and its config."""
-    from .train import trained_model
-
-    spec = mamba_spec()
-    model, _ = trained_model(spec)
-    return model, config_of(spec)

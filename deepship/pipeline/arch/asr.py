@@ -1,0 +1,158 @@
+"""The ASR family's adapter: the recognizer's report rows, its streaming evaluation (CER, WER, CER at
+10 dB) and its streaming measures (real-time factor on 1 thread, per-chunk p50/p99 latency,
+algorithmic latency, the bundle runner's peak RSS).
+
+Evaluation streams whole held-out utterances chunk by chunk through a variant's session with the
+states carried (:func:`deepship.models.asr.stream_batch`), decodes greedy CTC
+(:func:`deepship.runtimes.asr_stream.ctc_greedy`) and scores with ``jiwer``.
+"""
+from __future__ import annotations
+
+import json
+import time
+import weakref
+from typing import Any
+
+import numpy as np
+import torch
+
+from ...models.asr import DEFAULT, corpus, feature_config, feature_mean, stream_batch
+from ...models.asr import data as S
+from ...models.spec import ModelSpec
+from ...runtimes import asr_stream
+from ...runtimes.asr_stream import FeatureConfig, Stream, ctc_greedy
+from ..adapters import ArchAdapter, register_adapter
+from ..context import ModelContext
+from ..variants import Variant
+
+#: short names accepted for the recognizer's variants (``optimize asr ... --variant``)
+VARIANT_ALIASES = {"torch": "fp32-torch", "fp32": "fp32-onnx", "onnx": "fp32-onnx", "int8": "int8-dynamic"}
+
+
+def plan(spec: ModelSpec, default_plan: list) -> list:
+    """The recognizer's report rows: FP32 torch (baseline), FP32 ONNX, INT8 dynamic, INT8 static QDQ
+    (per-channel, MinMax calibration on chunks recorded from real training utterances with their states)."""
+    return [("fp32-onnx", "export", "onnx", {}, "fp32-torch"),
+            ("int8-dynamic", "quantize", "int8-dynamic", {}, "fp32-onnx"),
+            ("int8-static", "quantize", "int8-static", {"calibration": "minmax", "per_channel": True}, "fp32-onnx")]
+
+
+def asr_variant(ctx: ModelContext, variant: str) -> Variant:
+    """Build (or reuse) a variant of the ``asr`` model: ``fp32-torch``, ``fp32-onnx``, ``int8-dynamic``,
+    ``int8-static`` (aliases ``torch``, ``fp32``, ``onnx``, ``int8`` = ``int8-dynamic``).
+
+    Raises:
+        StageError: an unknown variant name.
+    """
+    return ctx.build_planned(VARIANT_ALIASES.get(variant, variant), plan(ctx.spec, []))
+
+
+def greedy_text(log_probs: np.ndarray) -> str:
+    """Greedy CTC transcript of ``(frames, vocab)`` log-probs."""
+    return S.decode_labels(ctc_greedy(log_probs)[0]).strip()
+
+
+def error_rates(hyps: list[str], refs: list[str]) -> dict[str, float]:
+    """Corpus CER and WER (``jiwer``), fractions."""
+    import jiwer
+
+    return {"cer": float(jiwer.cer(refs, hyps)), "wer": float(jiwer.wer(refs, hyps))}
+
+
+#: per session, its :func:`evaluate_cer` results: the report's metric, its measurements and the bundle
+#: all ask for the same streaming evaluation of the same session
+_EVALUATED: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+
+
+def stream_config():
+    """The :class:`deepship.runtimes.asr_stream.FeatureConfig` of the trained model (for a ``Stream``)."""
+    return FeatureConfig(feature_config())
+
+
+def evaluate_cer(session, noisy: bool = False, limit: int | None = None) -> dict[str, float]:
+    """CER and WER (fractions) of greedy CTC over the held-out voices and sentences, streamed chunk by
+    chunk through ``session`` (clean, or at 10 dB SNR with ``noisy``). Computed once per session."""
+    memo = _EVALUATED.setdefault(session, {})
+    if (noisy, limit) not in memo:
+        c = corpus()
+        part = c.test_noisy if noisy else c.test
+        n = len(part) if limit is None else min(limit, len(part))
+        lps = stream_batch(session.run, part.feats[:n], DEFAULT, feature_mean())
+        memo[(noisy, limit)] = error_rates([greedy_text(lp) for lp in lps], part.texts[:n])
+    return dict(memo[(noisy, limit)])
+
+
+#: held-out utterances streamed for the real-time factor and per-chunk latency (about 45 s of audio)
+RTF_UTTERANCES = 20
+
+
+def measure_streaming(ctx: Any, variant: Any, session: Any, utterances: int = RTF_UTTERANCES) -> dict:
+    """The report's ASR columns for one variant (``ctx``: the ``asr`` ModelContext; ``session``: the
+    variant's session).
+
+    - ``wer`` and ``cer_noisy`` (10 dB SNR) over the held-out set (fractions);
+    - ``rtf_1thread``: compute time / audio time when streaming ``utterances`` held-out utterances in
+      40 ms pieces through a fresh 1-thread session, fbank included (:class:`Stream`);
+    - ``chunk_ms_p50``, ``chunk_ms_p99``: model compute per chunk (ms) in that run;
+    - ``algorithmic_latency_ms``: chunk + fbank window overhang (no lookahead);
+    - ``peak_rss_mb``: peak resident memory of a fresh runner process (the bundle's ``asr_stream.py``:
+      onnxruntime + numpy + kaldi-native-fbank) transcribing one utterance (ONNX variants only).
+    """
+    out: dict[str, Any] = {}
+    er = evaluate_cer(session)
+    out["wer"] = round(er["wer"], 4)
+    out["cer_noisy"] = round(evaluate_cer(session, noisy=True)["cer"], 4)
+    c = corpus()
+    fc = stream_config()
+    prev_threads = torch.get_num_threads()
+    one = ctx.session(variant, threads=1)
+    piece = S.SAMPLE_RATE * 40 // 1000
+    total, audio, lat = 0.0, 0.0, []
+    for a in c.test_audio[:utterances]:
+        st = Stream(one, fc)
+        t0 = time.perf_counter()
+        for i in range(0, len(a), piece):
+            st.accept_waveform(a[i:i + piece], S.SAMPLE_RATE)
+        st.finalize()
+        total += time.perf_counter() - t0
+        audio += len(a) / S.SAMPLE_RATE
+        lat += st.chunk_latencies_ms
+    torch.set_num_threads(prev_threads)  # a 1-thread torch session sets the process-wide count
+    out.update(rtf_1thread=round(total / audio, 4), chunk_ms_p50=round(float(np.percentile(lat, 50)), 3),
+               chunk_ms_p99=round(float(np.percentile(lat, 99)), 3), chunks=len(lat),
+               algorithmic_latency_ms=DEFAULT.algorithmic_latency_ms)
+    if variant.format == "onnx":
+        out["peak_rss_mb"] = runner_peak_rss_mb(variant.path, c.test_audio[0])
+    return out
+
+
+def runner_peak_rss_mb(model_path: str, audio: np.ndarray) -> float | None:
+    """Peak RSS (MiB, ``VmHWM``) of the bundle runner (``asr_stream.py MODEL features.json utt.wav``)
+    in a fresh Python process. ``VmHWM`` is read inside that process at the end: the child's
+    ``ru_maxrss`` would also count the parent's pages it shared between fork and exec."""
+    import subprocess
+    import sys
+    import tempfile
+    import wave
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as td:
+        wav = Path(td) / "utt.wav"
+        with wave.open(str(wav), "wb") as w:
+            w.setnchannels(1)
+            w.setsampwidth(2)
+            w.setframerate(S.SAMPLE_RATE)
+            w.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
+        feats = Path(td) / "features.json"
+        feats.write_text(json.dumps(feature_config()))
+        code = ("import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__'); "
+                "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0], file=sys.stderr)")
+        p = subprocess.run([sys.executable, "-c", code, asr_stream.__file__, str(model_path), str(feats), str(wav)],
+                           capture_output=True, text=True, timeout=300)
+        if p.returncode != 0 or not p.stderr.strip():
+            return None
+        return round(int(p.stderr.strip().splitlines()[-1]) / 1024, 1)  # VmHWM is in kB
+
+
+register_adapter(ArchAdapter("asr", plan=plan, evaluate=lambda ctx, session: evaluate_cer(session)["cer"],
+                             measure=lambda ctx, v, session: measure_streaming(ctx, v, session)))
