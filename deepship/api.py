@@ -56,10 +56,20 @@ from .utils import atomic_dir
 
 def load(ref: str | ModelSpec, inputs: Sequence[str] | None = None, weights: str | None = None,
          data: str | None = None, metric: str | None = None, evaluate: Callable[[Any], float] | None = None,
-         output_names: Sequence[str] | None = None, retrain: bool = False) -> ModelContext:
-    """Resolve a model reference (see :func:`deepship.models.resolve`) into a :class:`ModelContext`."""
+         output_names: Sequence[str] | None = None, retrain: bool = False, train_data: str | None = None,
+         calibration_data: str | None = None, name: str | None = None) -> ModelContext:
+    """Resolve a model reference (see :func:`deepship.models.resolve`) into a :class:`ModelContext`.
+
+    ``data`` (evaluation), ``train_data`` (fine-tuning) and ``calibration_data`` (INT8) are ``.npz``
+    files (:mod:`deepship.models.userdata`); ``name`` renames the model in reports.
+
+    Raises:
+        UnknownModelError, WeightsError, InputSpecError, DataError: from the loaders.
+    """
     spec = ref if isinstance(ref, ModelSpec) else resolve(ref, inputs=inputs, weights=weights, data=data,
-                                                          metric=metric, evaluate=evaluate, output_names=output_names)
+                                                          metric=metric, evaluate=evaluate, output_names=output_names,
+                                                          train_data=train_data, calibration_data=calibration_data,
+                                                          name=name)
     return ModelContext(spec, retrain=retrain)
 
 

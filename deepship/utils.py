@@ -15,6 +15,15 @@ from typing import Any, Iterator
 from .errors import ArtifactError, OutputPathError
 
 
+def first_line(e: BaseException | str, limit: int = 200) -> str:
+    """The first non-empty line of an exception's message (or a string), shortened at a word boundary
+    to ``limit`` characters with "..." (never cut mid-word); ``""`` when it has none."""
+    import textwrap
+
+    line = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+    return textwrap.shorten(line, width=limit, placeholder=" ...") if len(line) > limit else line
+
+
 def default_threads() -> int:
     """Intra-op threads: ``$DEEPSHIP_THREADS`` or the number of cores."""
     return int(os.environ.get("DEEPSHIP_THREADS", os.cpu_count() or 1))
@@ -41,6 +50,68 @@ def ensure_dir(path: str | os.PathLike) -> Path:
     return p
 
 
+def check_writable(path: str | os.PathLike) -> Path:
+    """Check, without creating anything, that ``path`` (a file or folder to be written) can be created:
+    its nearest existing ancestor is a writable folder and no file stands where a folder must go.
+
+    Returns:
+        ``Path(path)``.
+
+    Raises:
+        OutputPathError: naming the path and why it cannot be written.
+    """
+    p = Path(path)
+    cur = p if p.is_dir() else p.parent  # an existing file is replaced: its folder must be writable
+    while not cur.exists():
+        cur = cur.parent
+    if not cur.is_dir():
+        raise OutputPathError(f"cannot write {p}: {cur} is a file, not an output folder; choose another output path")
+    if not os.access(cur, os.W_OK | os.X_OK):
+        raise OutputPathError(f"cannot write {p}: output folder {cur} is not writable; choose a writable path")
+    return p
+
+
+#: temporary files and folders of atomic writes: ``.tmp-<name>-<pid>-<random>``
+TMP_PREFIX = ".tmp-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale_temp(root: str | os.PathLike, min_age_s: float = 60.0) -> list[Path]:
+    """Remove temporary files and folders of atomic writes below ``root`` that no live process owns (a
+    build killed with ``kill -9`` leaves them): the owner's pid is in the name; names without one are
+    removed once older than ``min_age_s`` seconds.
+
+    Returns:
+        the paths removed.
+    """
+    import re
+    import time
+
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    removed = []
+    for p in root.rglob(f"{TMP_PREFIX}*"):
+        m = re.match(rf"^{re.escape(TMP_PREFIX)}.*-(\d+)-[^-]+$", p.name)
+        try:
+            stale = (not _pid_alive(int(m.group(1)))) if m else time.time() - p.stat().st_mtime > min_age_s
+        except (OSError, ValueError):
+            continue
+        if stale:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder beside ``dest``; on success replace ``dest`` with it, else delete it.
@@ -49,7 +120,7 @@ def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
     """
     dest = Path(dest)
     ensure_dir(dest.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{dest.name}-{os.getpid()}-", dir=dest.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
@@ -66,7 +137,7 @@ def atomic_file(dest: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary file path beside ``dest``; rename it onto ``dest`` on success, else delete it."""
     dest = Path(dest)
     ensure_dir(dest.parent if str(dest.parent) else ".")
-    fd, name = tempfile.mkstemp(prefix=f".tmp-{dest.name}-", suffix=suffix, dir=dest.parent)
+    fd, name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{dest.name}-{os.getpid()}-", suffix=suffix, dir=dest.parent)
     os.close(fd)
     tmp = Path(name)
     try:

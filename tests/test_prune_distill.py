@@ -169,7 +169,7 @@ def test_gpt_heads_and_mlp_width_pruned_then_exported_with_the_kv_cache(ctxs):
 
     ctx = ctxs("gpt")
     m0 = ctx.module()
-    m, info = P.structured_prune(copy.deepcopy(m0).float().eval(), P.stages._example_args(ctx), 0.5)
+    m, info = P.structured_prune(copy.deepcopy(m0).float().eval(), P.example_args(ctx), 0.5)
     assert AG.pruned_arch(m) == {"n_head": 2, "head_size": 32, "d_mlp": 256} and m.cfg.n_head == 2
     assert info["parameters"] < 0.6 * info["parameters_before"]
     assert m.blocks[0].ln1.normalized_shape == (128,) and m.tok_emb.weight.shape == (1024, 128)  # residual kept

@@ -161,6 +161,8 @@ def test_bad_generation_requests_are_400_before_any_event(server, body, status, 
 def test_unknown_model_404_and_metrics_count_tokens(server):
     r = post(server.url + "/v2/models/nope/generate", {"text_input": "x"})
     assert r.status_code == 404
+    # this test's own tokens: under xdist the module's other tests may run in another process
+    assert post(server.url + "/v2/models/gpt-fp32-onnx/generate", {"text_input": PROMPT, "max_tokens": 3}).status_code == 200
     metrics = get(server.url + "/metrics").text
     line = [x for x in metrics.splitlines() if x.startswith('deepship_generated_tokens_total{model="gpt-fp32-onnx"}')]
     assert line and float(line[0].split()[-1]) > 0

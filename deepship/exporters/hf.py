@@ -27,6 +27,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..models.spec import ModelSpec
+from ..utils import first_line
 from .onnx import ExportResult, export_onnx, save_onnx
 
 log = logging.getLogger("deepship.exporters.hf")
@@ -53,7 +54,7 @@ def _optimum_config(model_dir: str, task: str):
         ctor = TasksManager.get_exporter_config_constructor(exporter="onnx", model_type=cfg.model_type, task=task,
                                                             library_name="transformers")
     except Exception as e:
-        raise OptimumUnsupported(f"Optimum has no ONNX config for model type '{cfg.model_type}' ({str(e).splitlines()[0][:120]})") from None
+        raise OptimumUnsupported(f"Optimum has no ONNX config for model type '{cfg.model_type}' ({first_line(e, 120)})") from None
     base = ctor(cfg, task=task)
     klass = type(base)
 
@@ -138,7 +139,7 @@ def optimum_export(model_dir: str, out_path: Path, task: str = "feature-extracti
             main_export(model_dir, td, task=task, opset=opset, library_name="transformers", do_validation=False,
                         local_files_only=True, custom_onnx_configs={"model": cfg}, no_post_process=True)
         except Exception as e:
-            raise OptimumUnsupported(f"Optimum's export failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}") from None
+            raise OptimumUnsupported(f"Optimum's export failed: {type(e).__name__}: {first_line(e, 160)}") from None
         finally:
             lg.setLevel(old)
         mp = onnx.load(str(Path(td) / "model.onnx"))

@@ -125,6 +125,49 @@ def _clear_rnn_dispatch_caches() -> None:
             cache.clear()
 
 
+def check_runs(model: Any, args: tuple, spec: ModelSpec) -> None:
+    """Run ``model`` once eagerly at the example inputs, so a model that cannot take them (a wrong
+    ``--input`` shape, a missing input) fails with its own error instead of the exporter's.
+
+    Raises:
+        ExportError: naming the input shapes and the model's first error line.
+    """
+    import torch
+
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model(*args)
+    except Exception as e:
+        shapes = ", ".join(f"{t.name}{list(a.shape)}:{t.dtype}" for t, a in zip(spec.inputs, args))
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+        raise ExportError(f"the model fails on its example inputs {shapes}: {type(e).__name__}: {first[:200]}; "
+                          f"check that --input ({', '.join(t.describe() for t in spec.inputs)}) is what forward() "
+                          "takes") from None
+
+
+@contextlib.contextmanager
+def _torch_log_captured():
+    """Collect torch's log records during an export in a buffer (for the error message) instead of
+    printing them on stderr; ``DEEPSHIP_VERBOSE=1`` (``optimize --verbose``) prints them too."""
+    import os
+
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    lg = logging.getLogger("torch")
+    saved = (list(lg.handlers), lg.propagate, lg.level)
+    if not os.environ.get("DEEPSHIP_VERBOSE"):
+        lg.handlers, lg.propagate = [], False
+        lg.setLevel(logging.WARNING)
+    lg.addHandler(handler)
+    try:
+        yield buf
+    finally:
+        lg.removeHandler(handler)
+        lg.handlers, lg.propagate = saved[0], saved[1]
+        lg.setLevel(saved[2])
+
+
 def export_onnx(model: Any, spec: ModelSpec, out_path: str | Path, opset: int = DEFAULT_OPSET) -> ExportResult:
     """Export ``model`` (eval mode) to ``out_path`` and check that every named dynamic dim stayed dynamic.
 
@@ -138,7 +181,8 @@ def export_onnx(model: Any, spec: ModelSpec, out_path: str | Path, opset: int = 
         :class:`ExportResult`.
 
     Raises:
-        ExportError: the exporter failed (naming the operator or module), or a dynamic dim was fixed.
+        ExportError: the model fails on its example inputs, the exporter failed (naming the operator or
+            module), or a dynamic dim was fixed.
     """
     import onnx
     import torch
@@ -147,15 +191,12 @@ def export_onnx(model: Any, spec: ModelSpec, out_path: str | Path, opset: int = 
     model = eval_mode(model)
     ex = spec.example_inputs()
     args = tuple(torch.from_numpy(ex[t.name]) for t in spec.inputs)
-    log = io.StringIO()
-    handler = logging.StreamHandler(log)
-    lg = logging.getLogger("torch")
-    lg.addHandler(handler)
+    check_runs(model, args, spec)
     # torch sets its loggers' levels when torch.onnx is imported; the registry warns about every
     # missing torchvision op on each export, which says nothing about the user's model
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     _clear_rnn_dispatch_caches()
-    with tempfile.TemporaryDirectory() as td:
+    with tempfile.TemporaryDirectory() as td, _torch_log_captured() as log:
         raw = Path(td) / "raw.onnx"
         try:
             with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
@@ -168,8 +209,6 @@ def export_onnx(model: Any, spec: ModelSpec, out_path: str | Path, opset: int = 
                 prog.save(str(raw))
         except Exception as e:
             raise ExportError(_explain_export_failure(e, log.getvalue())) from None
-        finally:
-            lg.removeHandler(handler)
         mp = onnx.load(str(raw))
         fixed = _fixed_dims(mp, spec.inputs)
         if fixed:

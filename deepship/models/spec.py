@@ -178,11 +178,17 @@ class Split:
 
 @dataclass
 class Dataset:
-    """Train and held-out test splits, plus a short description of where the data comes from."""
+    """Train and held-out test splits, plus a short description of where the data comes from.
+
+    ``calibration`` (optional) is the split INT8 calibration reads, with ``calibration_source`` saying
+    where it comes from; without it calibration takes training samples.
+    """
 
     train: Split
     test: Split
     source: str = ""
+    calibration: Split | None = None
+    calibration_source: str = ""
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """Bring your own model: ``package.module:factory`` (+ weights), a ``torch.export`` ``.pt2`` file, or an
-``.onnx`` file; and labeled data from an ``.npz`` file.
+``.onnx`` file (your data: :mod:`deepship.models.userdata`).
 
 Weights are read with ``safetensors`` or ``torch.load(weights_only=True)``; nothing is unpickled.
 """
@@ -12,13 +12,12 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 
-from ..errors import DataError, InputSpecError, UnknownModelError, WeightsError
+from ..errors import InputSpecError, UnknownModelError, WeightsError
 from ..utils import check_onnx_file, sha256_file
-from .spec import METRICS, Dataset, Metric, ModelSpec, Split, TensorSpec, parse_input_spec
+from .spec import ModelSpec, TensorSpec, parse_input_spec
 
 _FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
@@ -157,82 +156,6 @@ def onnx_spec(path: str, name: str | None = None) -> ModelSpec:
     return ModelSpec(name=name or Path(path).stem, task="other", build=None, inputs=specs,
                      output_names=[o.name for o in m.graph.output], onnx_path=str(path), source="onnx",
                      description=f"ONNX model {Path(path).name}", extra={"identity": sha256_file(path)[:16]})
-
-
-TARGET_KEYS = ("targets", "labels", "y")
-
-
-def npz_dataset(path: str, spec: ModelSpec) -> Dataset:
-    """Labeled data from an ``.npz``: one array per input name (first axis = sample) and ``targets``
-    (or ``labels``/``y``). Arrays named ``calib_<input>`` (optional) are used for calibration; without
-    them, calibration uses the first half of the samples and evaluation the second half.
-
-    Raises:
-        DataError: missing file or keys, or arrays that do not fit the model's inputs.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"data file {p} not found; give an .npz with one array per input and 'targets'")
-    try:
-        z = dict(np.load(str(p), allow_pickle=False))
-    except Exception as e:
-        raise DataError(f"cannot read {p} as .npz ({type(e).__name__}); save it with numpy.savez") from None
-    missing = [t.name for t in spec.inputs if t.name not in z]
-    if missing:
-        raise DataError(f"data file {p} has no array '{missing[0]}'; it holds {', '.join(sorted(z))}, "
-                        f"the model takes {', '.join(t.name for t in spec.inputs)}")
-    tkey = next((k for k in TARGET_KEYS if k in z), None)
-    inputs = {t.name: z[t.name] for t in spec.inputs}
-    for t in spec.inputs:
-        try:
-            t.check(inputs[t.name][:1] if t.dims and t.dims[0] == "batch" else inputs[t.name])
-        except InputSpecError as e:
-            raise DataError(f"data file {p}: {e}") from None
-    n = len(next(iter(inputs.values())))
-    targets = z[tkey] if tkey else None
-    if all(f"calib_{t.name}" in z for t in spec.inputs):
-        calib = Split({t.name: z[f"calib_{t.name}"] for t in spec.inputs})
-        test = Split(inputs, targets)
-    else:
-        h = max(1, n // 2)
-        calib = Split({k: v[:h] for k, v in inputs.items()})
-        test = Split(inputs, targets)
-    return Dataset(calib, test, source=f"user data {p.name} ({n} samples)")
-
-
-def npz_identity(path: str) -> str:
-    """Identity of an ``.npz`` data file for the cache key: its SHA-256 and the loader's layout version."""
-    return f"npz-v1:{sha256_file(path)[:16]}"
-
-
-def attach_data(spec: ModelSpec, data: str | None = None, metric: str | None = None,
-                evaluate: Callable[[Any], float] | None = None, higher_is_better: bool | None = None) -> ModelSpec:
-    """Return ``spec`` with user data, metric and/or evaluation function attached.
-
-    Without an explicit metric, integer targets choose ``accuracy`` and float targets ``mse``.
-
-    Raises:
-        DataError: unknown metric name, or bad data.
-    """
-    if metric and metric not in METRICS:
-        raise DataError(f"unknown metric '{metric}'; use one of {', '.join(METRICS)}")
-    kw: dict[str, Any] = {}
-    if data:
-        ds = npz_dataset(data, spec)
-        kw["data"] = lambda: ds
-        kw["data_id"] = npz_identity(data)
-        if ds.test.targets is not None:
-            m = METRICS[metric] if metric else (METRICS["accuracy"] if np.issubdtype(ds.test.targets.dtype, np.integer)
-                                                else METRICS["mse"])
-            kw["metric"] = m
-            kw["task"] = "classification" if m.name == "accuracy" else "regression"
-    elif metric:
-        raise DataError(f"--metric {metric} needs labeled data; pass --data FILE.npz")
-    if evaluate is not None:
-        kw["evaluate"] = evaluate
-        kw["metric"] = Metric(getattr(evaluate, "__name__", "score"),
-                              True if higher_is_better is None else higher_is_better, lambda p, y: float("nan"))
-    return spec.replace(**kw)
 
 
 class ExportedModule(nn.Module):

@@ -19,7 +19,10 @@ Budgets come from flags or a TOML file::
     [variants."cnn/int8-static"]
     max_drop = 2.0
 
-A variant that is in the baseline but missing or failed in the new report is a failure.
+A variant that is in the baseline but missing or failed in the new report is a failure. Budgets must
+be non-negative numbers, and a ``[variants."model/variant"]`` or ``[metrics.NAME]`` table must name a
+variant or metric of the reports (a typo would otherwise silently check nothing). Latency failures are
+listed in their own table.
 """
 from __future__ import annotations
 
@@ -43,13 +46,35 @@ class Budget:
     latency_tolerance: float | None = None
 
 
+BUDGET_KEYS = ("max_drop", "max_rel_drop", "latency_tolerance")
+
+
+def check_budget(b: Budget, where: str) -> Budget:
+    """``b`` if every set value is a non-negative number.
+
+    Raises:
+        GateError: naming the value and where it was given.
+    """
+    for k in BUDGET_KEYS:
+        v = getattr(b, k)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise GateError(f"budget {k} = {v!r} in {where} is not a number; write e.g. {k} = 1.0")
+        if v < 0 or v != v:
+            raise GateError(f"budget {k} = {v} in {where} is negative; budgets are allowed worsening, >= 0")
+    return b
+
+
 @dataclass
 class GateResult:
-    """Outcome of :func:`check`: ``failures`` and ``rows`` (one per compared variant)."""
+    """Outcome of :func:`check`: ``failures``, ``rows`` (one per compared variant) and
+    ``latency_rows`` (one per variant and batch size whose p50 latency was compared)."""
 
     failures: list[str] = field(default_factory=list)
     rows: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    latency_rows: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -81,35 +106,65 @@ def load_budgets(path: str | Path | None, default: Budget) -> tuple[Budget, dict
     """Read budgets from a TOML file over ``default``; returns ``(default, per metric, per model/variant)``.
 
     Raises:
-        GateError: unreadable TOML or unknown keys.
+        GateError: missing or unreadable TOML, unknown tables or keys, values that are not
+            non-negative numbers.
     """
+    check_budget(default, "the command line")
     if path is None:
         return default, {}, {}
     import tomllib
 
     p = Path(path)
+    if not p.is_file():
+        raise GateError(f"budgets file {p} not found; check the path given to --budgets")
     try:
         data = tomllib.loads(p.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise GateError(f"cannot read budgets {p}: {e}; write TOML with [default], [metrics.NAME], [variants.\"model/variant\"]") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise GateError(f"cannot read budgets {p}: {e}; write TOML with [default], [metrics.NAME], "
+                        '[variants."model/variant"]') from None
+    unknown_tables = set(data) - {"default", "metrics", "variants"}
+    if unknown_tables:
+        raise GateError(f"unknown table [{sorted(unknown_tables)[0]}] in {p}; use [default], [metrics.NAME], "
+                        '[variants."model/variant"]')
 
-    def mk(d: dict, base: Budget) -> Budget:
-        unknown = set(d) - {"max_drop", "max_rel_drop", "latency_tolerance"}
+    def mk(d: Any, base: Budget, where: str) -> Budget:
+        if not isinstance(d, dict):
+            raise GateError(f"{where} in {p} is not a table; write it as [{where}] with max_drop = ... lines")
+        unknown = set(d) - set(BUDGET_KEYS)
         if unknown:
-            raise GateError(f"unknown budget key '{sorted(unknown)[0]}' in {p}; use max_drop, max_rel_drop, latency_tolerance")
-        return Budget(d.get("max_drop", base.max_drop), d.get("max_rel_drop", base.max_rel_drop),
-                      d.get("latency_tolerance", base.latency_tolerance))
+            raise GateError(f"unknown budget key '{sorted(unknown)[0]}' in [{where}] of {p}; use "
+                            f"{', '.join(BUDGET_KEYS)}")
+        return check_budget(Budget(d.get("max_drop", base.max_drop), d.get("max_rel_drop", base.max_rel_drop),
+                                   d.get("latency_tolerance", base.latency_tolerance)), f"[{where}] of {p}")
 
-    dflt = mk(data.get("default", {}), default)
-    metrics = {k: mk(v, dflt) for k, v in data.get("metrics", {}).items()}
-    variants = {k: mk(v, dflt) for k, v in data.get("variants", {}).items()}
+    dflt = mk(data.get("default", {}), default, "default")
+    metrics = {k: mk(v, dflt, f"metrics.{k}") for k, v in data.get("metrics", {}).items()}
+    variants = {k: mk(v, dflt, f'variants."{k}"') for k, v in data.get("variants", {}).items()}
     return dflt, metrics, variants
 
 
 def check(report: dict, baseline: dict, default: Budget, per_metric: dict[str, Budget] | None = None,
           per_variant: dict[str, Budget] | None = None) -> GateResult:
-    """Compare ``report`` with ``baseline`` under the budgets; see the module docstring."""
+    """Compare ``report`` with ``baseline`` under the budgets; see the module docstring.
+
+    Raises:
+        GateError: a per-variant budget naming a variant (or model) in neither report, or a per-metric
+            budget naming a metric neither report has.
+    """
     per_metric, per_variant = per_metric or {}, per_variant or {}
+    known = {f"{m['model']}/{v['variant']}" for r in (report, baseline) for m in r["models"] for v in m["variants"]}
+    models = {m["model"] for r in (report, baseline) for m in r["models"]}
+    for k in per_variant:
+        if k not in known:
+            model = k.split("/", 1)[0]
+            hint = (f"model '{model}' has {', '.join(sorted(x.split('/', 1)[1] for x in known if x.startswith(model + '/')))}"
+                    if model in models else f"the reports hold the models {', '.join(sorted(models))}")
+            raise GateError(f'budget [variants."{k}"] names no variant of the reports; {hint}')
+    metric_names = {m["metric"]["name"] for r in (report, baseline) for m in r["models"] if m.get("metric")}
+    for k in per_metric:
+        if k not in metric_names:
+            raise GateError(f"budget [metrics.{k}] names no metric of the reports; they use "
+                            f"{', '.join(sorted(metric_names)) or 'none'}")
     res = GateResult()
     same_cpu = report.get("machine", {}).get("cpu") == baseline.get("machine", {}).get("cpu")
     if not same_cpu:
@@ -152,10 +207,14 @@ def check(report: dict, baseline: dict, default: Budget, per_metric: dict[str, B
             if same_cpu and b.latency_tolerance is not None:
                 for bs, lat in (bv.get("latency_ms") or {}).items():
                     old, newl = lat.get("p50_ms"), (nv.get("latency_ms") or {}).get(bs, {}).get("p50_ms")
-                    if old and newl and newl > old * (1 + b.latency_tolerance):
+                    if not (old and newl):
+                        continue
+                    over = newl > old * (1 + b.latency_tolerance)
+                    res.latency_rows.append({"variant": label, "batch": bs, "old_ms": old, "new_ms": newl,
+                                             "tolerance": b.latency_tolerance, "status": "over budget" if over else "ok"})
+                    if over:
                         res.failures.append(f"{label}: p50 latency at batch {bs} rose {old:.3f} -> {newl:.3f} ms "
                                             f"(+{(newl / old - 1) * 100:.0f}%), tolerance {b.latency_tolerance * 100:g}%")
-                        row["status"] = "over budget"
             res.rows.append(row)
     for k in new:
         if not any((bm["model"], bv["variant"]) == k for bm in baseline["models"] for bv in bm["variants"]):
@@ -171,6 +230,15 @@ def to_markdown(res: GateResult) -> str:
         m = r.get("metric")
         lines.append(f"| {r['variant']} | {m['name'] if m else '-'} | {fmt_metric(r.get('old'), m)} | "
                      f"{fmt_metric(r.get('new'), m)} | {r.get('worse_by', 0):+.3g} | {r['status']} |")
+    slow = [r for r in res.latency_rows if r["status"] != "ok"]
+    if res.latency_rows:
+        lines += ["", f"Latency (p50, same CPU): {len(slow)} over tolerance of {len(res.latency_rows)} compared", "",
+                  "| variant | batch | baseline ms | new ms | change | tolerance | status |", "|---|---|---|---|---|---|---|"]
+        for r in slow or res.latency_rows[:0]:
+            lines.append(f"| {r['variant']} | {r['batch']} | {r['old_ms']:.3f} | {r['new_ms']:.3f} | "
+                         f"{(r['new_ms'] / r['old_ms'] - 1) * 100:+.0f}% | {r['tolerance'] * 100:g}% | {r['status']} |")
+        if not slow:
+            lines.append("| (none over tolerance) | | | | | | |")
     if res.failures:
         lines += ["", "Over budget:"] + [f"- {f}" for f in res.failures]
     if res.notes:

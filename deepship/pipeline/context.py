@@ -82,14 +82,21 @@ class ModelContext:
         return self._dataset
 
     def calibration(self, n: int = CALIBRATION_SAMPLES) -> tuple[dict[str, np.ndarray], str]:
-        """Up to ``n`` real training samples, or seeded random inputs when the model has no data."""
+        """INT8 calibration samples: up to ``n`` (seeded pick) of the dataset's calibration split
+        (``--calibration-data``, or samples of ``--data`` held out from evaluation), else of its
+        training split, else seeded random inputs when the model has no data.
+
+        Returns:
+            ``({input name: array (k, ...)}, description)``, e.g. ``"256 samples of calib.npz (--calibration-data)"``.
+        """
         ds = self.dataset()
         if ds is not None:
-            rng = np.random.default_rng(0)
-            idx = np.sort(rng.permutation(len(ds.train))[:n])
-            return {k: v[idx] for k, v in ds.train.inputs.items()}, f"{len(idx)} real training samples"
+            part = ds.calibration if ds.calibration is not None else ds.train
+            src = ds.calibration_source if ds.calibration is not None else "real training samples"
+            idx = np.sort(np.random.default_rng(0).permutation(len(part))[:n])
+            return {k: v[idx] for k, v in part.inputs.items()}, f"{len(idx)} {src}"
         feeds = self.spec.example_inputs({**SECOND_DIM_SIZES, "batch": 64}, seed=7)
-        return feeds, "64 random inputs (no data given: pass --data for real calibration)"
+        return feeds, "64 random inputs (no data given: pass --data or --calibration-data for real calibration)"
 
     def identity(self) -> str:
         """Cache key of the baseline: the spec's fingerprint (inputs, outputs, metric, source identity)

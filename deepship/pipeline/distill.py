@@ -29,6 +29,7 @@ Extension point (the GPT decoder of ``deepship/models/gpt/``): give its spec the
 """
 from __future__ import annotations
 
+import copy
 import json
 import re
 from pathlib import Path
@@ -125,27 +126,34 @@ def parse_student(text: str | None, teacher: nn.Module, teacher_arch: dict | Non
     SPEC is one of:
 
     - empty or ``auto``: width 0.5 of the teacher (every channel / hidden-unit count halved);
-    - a number such as ``0.25``: that width;
+    - a number such as ``0.25``: that width; for a teacher whose architecture is not registered (your
+      own ``nn.Module``), the student is the teacher with that fraction of channels kept by
+      torch-pruning and its weights re-initialized (``{"pruned_width": w}``);
     - ``width=0.5,layers=1``: width and depth (MLP: keep the first N hidden layers; RNN: N layers);
     - explicit sizes in the teacher's arch keys, e.g. ``c1=8,c2=16,fc=32``, ``hidden=64x32`` or
       ``hidden=[64,32]``, or a JSON object; unnamed keys keep the teacher's values;
     - ``package.module:factory``: a factory returning the student ``nn.Module`` (saved as ``.pt2``).
 
     Returns:
-        ``{"arch": dict}`` or ``{"factory": "package.module:factory"}``.
+        ``{"arch": dict}``, ``{"pruned_width": float}`` or ``{"factory": "package.module:factory"}``.
 
     Raises:
         StageError: unknown keys (names the teacher's keys), or a SPEC that does not parse.
     """
     text = (text or "").strip()
-    if text in ("", "auto"):
-        return {"arch": derive_student(teacher, teacher_arch)}
     if is_factory_ref(text):
         return {"factory": text}
     try:
-        return {"arch": derive_student(teacher, teacher_arch, float(text))}
+        width = DEFAULT_WIDTH if text in ("", "auto") else float(text.removeprefix("width=").strip())
     except ValueError:
-        pass
+        width = None
+    if width is not None:
+        if P.arch_support(teacher) is None or teacher_arch is None:
+            if P.why_not_structured(teacher) is None:  # any prunable module: the teacher's shape at that width
+                if not 0.0 < width < 1.0:
+                    raise StageError(f"student width {width} is outside (0, 1); give e.g. 0.5")
+                return {"pruned_width": width}
+        return {"arch": derive_student(teacher, teacher_arch, width)}
     if text.startswith("{"):
         try:
             pairs = json.loads(text)
@@ -170,8 +178,15 @@ def parse_student(text: str | None, teacher: nn.Module, teacher_arch: dict | Non
     return {"arch": arch}
 
 
-def _build_student(ctx: ModelContext, params: dict) -> nn.Module:
+def _build_student(ctx: ModelContext, params: dict, teacher: nn.Module) -> nn.Module:
     seed_everything(int(params.get("seed", (ctx.spec.recipe or {}).get("seed", 0))))
+    if "pruned_width" in params:  # the teacher's layout at a smaller width, trained from scratch
+        w = float(params["pruned_width"])
+        student, _ = P.structured_prune(copy.deepcopy(teacher), P.example_args(ctx), 1.0 - w)
+        for mod in student.modules():
+            if hasattr(mod, "reset_parameters"):
+                mod.reset_parameters()
+        return student.train()
     if "factory" in params:
         m = _import_factory(params["factory"])()
         if not isinstance(m, nn.Module):
@@ -214,7 +229,8 @@ def check_distillable(ctx: ModelContext) -> None:
                          f"({', '.join(t.name for t in spec.inputs)})")
     ds = ctx.dataset()
     if ds is None or ds.train.targets is None:
-        raise StageError(f"distilling '{spec.name}' needs labeled training data; pass --data with inputs and targets")
+        raise StageError(f"distilling '{spec.name}' needs labeled training data; pass --train-data FILE.npz with "
+                         "inputs and targets")
 
 
 def distill_train(ctx: ModelContext, teacher: nn.Module, student: nn.Module, temperature: float = DEFAULT_TEMPERATURE,
@@ -276,9 +292,9 @@ def distill_train(ctx: ModelContext, teacher: nn.Module, student: nn.Module, tem
 def _distill_stage(ctx: ModelContext, parent: Variant, params: dict, out: Path):
     """Train a smaller student on the teacher's softened outputs (Hinton et al. 2015; MSE for regression)."""
     teacher = P.parent_module(ctx, parent)
-    if "arch" not in params and "factory" not in params:
+    if "arch" not in params and "factory" not in params and "pruned_width" not in params:
         params = {**params, **parse_student(params.get("student"), teacher, _teacher_arch(ctx, parent))}
-    student = _build_student(ctx, params)
+    student = _build_student(ctx, params, teacher)
     T = float(params.get("temperature", DEFAULT_TEMPERATURE))
     a = float(params.get("alpha", DEFAULT_ALPHA))
     stats = distill_train(ctx, teacher, student, T, a, params.get("epochs"), params.get("seed"))
@@ -286,7 +302,8 @@ def _distill_stage(ctx: ModelContext, parent: Variant, params: dict, out: Path):
     if "arch" in params and saved.get("arch") is None and files[0].endswith(".safetensors"):
         saved["arch"] = params["arch"]
     n_s, n_t = P.count_parameters(student), P.count_parameters(teacher)
-    return files, {**saved, "student_arch": params.get("arch") or params.get("factory"), "parameters": n_s,
+    arch = params.get("arch") or params.get("factory") or f"teacher at width {params.get('pruned_width')} (torch-pruning, re-initialized)"
+    return files, {**saved, "student_arch": arch, "parameters": n_s,
                    "teacher_parameters": n_t, "param_ratio": n_s / max(n_t, 1), "temperature": T, "alpha": a,
                    "with_teacher": a < 1.0, "loss_name": DISTILL_LOSSES[ctx.spec.task][0] if a < 1.0 else "labels only",
                    "train": stats,

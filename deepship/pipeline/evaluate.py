@@ -6,6 +6,7 @@ from typing import Any
 import numpy as np
 
 from ..models.spec import SECOND_DIM_SIZES
+from ..runtimes.benchmark import measure
 
 
 def eval_feeds(ctx) -> tuple[dict[str, np.ndarray], np.ndarray | None, str]:
@@ -71,3 +72,30 @@ def evaluate(ctx, session, reference: np.ndarray | None) -> dict[str, Any]:
         metric = float(spec.metric.fn(first, targets))
     d = drift(first, reference, argmax=spec.task in ARGMAX_TASKS) if reference is not None else None
     return {"metric": metric, "drift": d, "outputs": first}
+
+
+def compare_with_baseline(ctx, variant, batches=(1, 32), threads: int | None = None,
+                          min_time_s: float = 0.25) -> dict[str, Any]:
+    """``variant`` against the FP32 PyTorch baseline: output drift on the held-out inputs (parity) and
+    p50 latency at each batch size, timed in alternation so both see the same machine load.
+
+    Returns:
+        ``{"drift": {...}, "samples": int, "data": str, "latency_ms": {batch: {"engine": ms, "fp32-torch": ms}}}``.
+    """
+    feeds, _, source = eval_feeds(ctx)
+    base = ctx.session(ctx.baseline(), threads=threads)
+    sess = ctx.session(variant, threads=threads)
+    name = base.output_names[0]
+    ref = base.run_batched(feeds, batch_size=256)[name]
+    got = sess.run_batched(feeds, batch_size=256)
+    got = got[name] if name in got else next(iter(got.values()))
+    lat = {}
+    for b in batches:
+        f = bench_feeds(ctx, b)
+        t = {"fp32-torch": [], "engine": []}
+        for _ in range(2):  # interleaved rounds
+            t["fp32-torch"].append(measure(base, f, min_time_s=min_time_s / 2, batch=b).p50_ms)
+            t["engine"].append(measure(sess, f, min_time_s=min_time_s / 2, batch=b).p50_ms)
+        lat[str(b)] = {k: float(np.median(v)) for k, v in t.items()}
+    return {"drift": drift(got, ref, argmax=ctx.spec.task in ARGMAX_TASKS), "samples": len(ref), "data": source,
+            "latency_ms": lat}

@@ -360,6 +360,24 @@ def _bf16(ctx: ModelContext, parent: Variant, params: dict, out: Path):
                                      "library": "torch (tensor.to(torch.bfloat16))"}
 
 
+def check_params(method: str, params: dict) -> None:
+    """Validate a quantize method and its parameters before any work (no artifact is built for a bad one).
+
+    Raises:
+        StageError: unknown method, calibration method, block size or sample count.
+    """
+    get_stage("quantize", method)
+    cal = params.get("calibration")
+    if method == "int8-static" and cal is not None and cal not in CALIBRATION_METHODS:
+        raise StageError(f"unknown calibration method '{cal}'; use one of {', '.join(CALIBRATION_METHODS)}")
+    bsz = params.get("block_size")
+    if method == "int4-weight-only" and bsz is not None and (int(bsz) < 16 or int(bsz) & (int(bsz) - 1)):
+        raise StageError(f"INT4 block size {bsz} is not a power of two >= 16; use 32, 64 or 128")
+    n = params.get("samples")
+    if n is not None and int(n) < 1:
+        raise StageError(f"calibration samples {n} must be a positive integer")
+
+
 def quantize_variant(ctx: ModelContext, method: str, **params: Any) -> Variant:
     """Quantize ``ctx``'s model with ``method`` (built or taken from the cache): ``int8-dynamic``,
     ``int8-static`` (``calibration=``, ``per_channel=``, ``samples=``), ``fp16``, ``int4-weight-only``
@@ -371,6 +389,7 @@ def quantize_variant(ctx: ModelContext, method: str, **params: Any) -> Variant:
     """
     impl = get_stage("quantize", method)
     p = {**QUANT_DEFAULT_PARAMS.get(method, {}), **{k: v for k, v in params.items() if v is not None}}
+    check_params(method, p)
     name = method if method != "bf16" else "bf16-torch"
     if method == "int8-static" and p.get("calibration", "minmax") != "minmax":
         name = f"int8-static-{p['calibration']}"

@@ -14,7 +14,10 @@ from typing import Any, Callable, Sequence
 from ..errors import DeepshipError, StageError
 from ..models.spec import ModelSpec
 from ..runtimes.benchmark import measure
-from ..utils import default_threads, ensure_dir, machine_info, write_json_atomic, write_text_atomic
+from ..runtimes.engines import get_backend
+from . import distill as D
+from . import prune as P
+from ..utils import check_writable, default_threads, first_line, machine_info, write_json_atomic, write_text_atomic
 from .context import ModelContext
 from .evaluate import bench_feeds, evaluate
 from .quantize import describe_nodes
@@ -49,13 +52,49 @@ def plan_for(methods: Sequence[str] | None = None, engine: bool = True) -> list[
     return out
 
 
+def extra_entries(ctx: ModelContext, engines: Sequence[str] = (), prune: Sequence[float] = (), distill: bool = False,
+                  finetune_steps: int = P.REPORT_FINETUNE_STEPS) -> list[tuple[str, str, str, dict, str]]:
+    """Plan entries asked for on the command line, for any model: an engine row per backend in
+    ``engines`` (``NAME-engine``, from the FP32 ONNX model or, for torch backends, the torch model),
+    structured pruning at each sparsity in ``prune`` (fine-tuned ``finetune_steps`` steps on the
+    training data when there is one) carried on to ONNX, and with ``distill`` a width-0.5 student
+    carried on to ONNX. Refused up front when the model cannot take them.
+
+    Raises:
+        StageError: an unknown or unavailable backend, an ONNX-only model with prune/distill, an
+            architecture that cannot be pruned, or distillation without labeled training data.
+    """
+    out: list[tuple[str, str, str, dict, str]] = []
+    for name in engines:
+        b = get_backend(name)
+        ok, why = b.available()
+        if not ok:
+            raise StageError(f"--engines {name}: {why}")
+        out.append((f"{name}-engine", "engine", name, {"precision": "fp32"},
+                    "fp32-torch" if b.consumes == "torch" else "fp32-onnx"))
+    for s in prune:
+        P.prunable(ctx, "structured")
+        n = P.variant_name("structured", s)
+        out.append((n, "prune", "structured", {"sparsity": float(s), "importance": "l2",
+                                               "finetune_steps": int(finetune_steps)}, "fp32-torch"))
+        out += P.chain_entries(n, (), P.export_method(ctx))
+    if distill:
+        if not ctx.has_torch:
+            raise StageError(f"cannot distill '{ctx.spec.name}': it is an ONNX file; distillation needs the torch teacher")
+        D.check_distillable(ctx)
+        out += D.distill_entries(width=0.5)
+    return out
+
+
 def run_model(ctx: ModelContext, plan, batches: Sequence[int], threads: int | None, min_time_s: float,
-              advance: Callable[[str], None]) -> dict[str, Any]:
-    """Build, evaluate and benchmark every variant of one model; return its report section."""
+              advance: Callable[[str], None], extra: Sequence[tuple] = ()) -> dict[str, Any]:
+    """Build, evaluate and benchmark every variant of one model (its family's plan, then ``extra``
+    entries not already in it); return its report section."""
     spec = ctx.spec
     rows: list[dict[str, Any]] = []
     base = ctx.baseline()
     plan = ctx.arch.plan_for(spec, plan)
+    plan += [e for e in extra if e[0] not in {p[0] for p in plan}]
     todo = [(base.name, None, None, None, None)] + [p for p in plan]
     reference = None
     base_metric = None
@@ -101,12 +140,13 @@ def run_model(ctx: ModelContext, plan, batches: Sequence[int], threads: int | No
         except Exception as e:  # a stage crashing inside a library: record it, keep going
             last = traceback.extract_tb(e.__traceback__)[-1]
             row.update({"status": "failed",
-                        "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''} "
+                        "error": f"{type(e).__name__}: {first_line(e, 200)} "
                                  f"({Path(last.filename).name}:{last.lineno})"})
         row["build_eval_s"] = round(time.perf_counter() - t0, 2)
         rows.append(row)
         advance(name)
     _mark_pareto(rows, spec, batches)
+    _add_speedups(rows)
     ds = ctx.dataset()
     return {
         "model": spec.name, "description": spec.description, "source": spec.source, "task": spec.task,
@@ -118,6 +158,20 @@ def run_model(ctx: ModelContext, plan, batches: Sequence[int], threads: int | No
         "baselines": (spec.baselines(ds) if spec.baselines and ds is not None else []),
         "variants": rows,
     }
+
+
+def _add_speedups(rows: list[dict]) -> None:
+    """``row["speedup"]``: ``{batch: fp32-torch p50 / this row's p50}`` (> 1 is faster), when both were timed."""
+    base = next((r for r in rows if r.get("stage") == "baseline" and r.get("status") == "ok"), None)
+    if base is None:
+        return
+    for r in rows:
+        if r.get("status") != "ok":
+            continue
+        sp = {b: round(base["latency_ms"][b]["p50_ms"] / t["p50_ms"], 3)
+              for b, t in r.get("latency_ms", {}).items()
+              if "p50_ms" in t and "p50_ms" in base["latency_ms"].get(b, {}) and t["p50_ms"] > 0}
+        r["speedup"] = sp
 
 
 def _public_info(info: dict) -> dict:
@@ -139,7 +193,8 @@ def _mark_pareto(rows: list[dict], spec: ModelSpec, batches: Sequence[int]) -> N
 def run_report(specs: Sequence[ModelSpec], out_dir: str | Path = "report", methods: Sequence[str] | None = None,
                batches: Sequence[int] = (1, 32), threads: int | None = None, min_time_s: float = 0.25,
                engine: bool = True, retrain: bool = False, show_progress: bool = True,
-               plan: list | None = None) -> dict[str, Any]:
+               plan: list | None = None, engines: Sequence[str] | None = None, prune: Sequence[float] = (),
+               distill: bool = False) -> dict[str, Any]:
     """Build the variant tree of each model, evaluate and benchmark every variant, write the report.
 
     Args:
@@ -149,6 +204,10 @@ def run_report(specs: Sequence[ModelSpec], out_dir: str | Path = "report", metho
         batches: batch sizes to time (samples per call).
         threads: intra-op threads for every runtime (default: all cores).
         min_time_s: minimum timed seconds per (variant, batch).
+        engines: engine backends to add rows for (``onnxruntime``, ``inductor``, ``tensorrt``); given,
+            they replace the default ONNX Runtime engine row.
+        prune: structured sparsities to add (pruned, fine-tuned on the training data, exported).
+        distill: add a width-0.5 student distilled from the model (needs labeled training data).
 
     Returns:
         The report dict (also written to ``out_dir/report.json``).
@@ -160,25 +219,35 @@ def run_report(specs: Sequence[ModelSpec], out_dir: str | Path = "report", metho
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    out = ensure_dir(out_dir)
+    out = check_writable(out_dir)  # created when the report is written: a failed run leaves no folder
     for m in methods or ():
         if m not in QUANT_METHODS:
             raise StageError(f"unknown quantize method '{m}'; use one of {', '.join(QUANT_METHODS)}")
-    the_plan = plan if plan is not None else plan_for(methods, engine)
+    if not batches or any(int(b) != b or b < 1 for b in batches):
+        raise StageError(f"batch sizes {list(batches)} must be positive integers, like 1,32")
+    the_plan = plan if plan is not None else plan_for(methods, engine and engines is None)
     for _, stage, method, _, _ in the_plan:
         get_stage(stage, method)
+    for s_ in prune:
+        P.variant_name("structured", s_)
+        if not 0.0 < float(s_) < 1.0:
+            raise StageError(f"sparsity {s_} is outside (0, 1); give fractions such as 0.25,0.5")
     threads = threads or default_threads()
+    # every model's extra rows are checked before any work starts
+    contexts = [ModelContext(spec, retrain=retrain) for spec in specs]
+    extras = [extra_entries(ctx, engines or (), prune, distill) for ctx in contexts]
     t0 = time.perf_counter()
     console = Console(stderr=True)
     models = []
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, disable=not show_progress, transient=False) as prog:
-        for spec in specs:
-            ctx = ModelContext(spec, retrain=retrain)
-            task = prog.add_task(f"{spec.name}", total=len(ctx.arch.plan_for(spec, the_plan)) + 1)
+        for ctx, extra in zip(contexts, extras):
+            spec = ctx.spec
+            task = prog.add_task(f"{spec.name}", total=len(ctx.arch.plan_for(spec, the_plan)) + len(extra) + 1)
             ctx.progress = lambda s, t=task: prog.update(t, description=s[:60])
             models.append(run_model(ctx, the_plan, batches, threads, min_time_s,
-                                    lambda name, t=task, n=spec.name: prog.update(t, advance=1, description=f"{n}: {name}")))
+                                    lambda name, t=task, n=spec.name: prog.update(t, advance=1, description=f"{n}: {name}"),
+                                    extra))
             prog.update(task, description=f"{spec.name}: done")
     report = {
         "schema_version": SCHEMA_VERSION,
@@ -235,7 +304,8 @@ def _notes(row: dict) -> str:
     if "nodes" in info and row.get("stage") == "quantize":
         notes.append(describe_nodes(info["nodes"]))
     if "calibration" in info:
-        notes.append(f"{info['calibration']} calibration")
+        cal = info.get("calibration_data")
+        notes.append(f"{info['calibration']} calibration" + (f" on {cal}" if cal else ""))
     if "parity" in info:
         p = info["parity"].get("second_shape", {})
         notes.append(f"parity max abs {p.get('max_abs', 0):.1e} at {p.get('shape')}")
@@ -272,16 +342,19 @@ def to_markdown(report: dict) -> str:
         for b in mod.get("baselines", []):
             lines += [f"Classical reference: {b['name']} {b['metric']} = {b['value']:.2f} ({b['source']}).", ""]
         hdr = ["variant", "parent", "format", "precision", "size"] + [f"p50 ms b{b}" for b in bs] + \
-              [f"p99 ms b{bs[-1]}", f"throughput/s b{bs[-1]}", met["name"] if met else "metric", "change", "notes"]
+              [f"p99 ms b{bs[-1]}", f"throughput/s b{bs[-1]}"] + [f"speedup b{b}" for b in bs] + \
+              [met["name"] if met else "metric", "change", "notes"]
         lines += ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
         for r in mod["variants"]:
             thr = r.get("latency_ms", {}).get(bs[-1], {}).get("throughput")
             cells = [r["variant"], r.get("parent") or "-", r.get("format", "-"), r.get("precision", "-"),
                      fmt_bytes(r.get("size_bytes"))] + [_lat(r, b) for b in bs] + \
-                    [_lat(r, bs[-1], "p99_ms"), f"{thr:,.0f}" if thr else "-", fmt_metric(r.get("metric"), met),
-                     fmt_change(r, met), _notes(r)]
+                    [_lat(r, bs[-1], "p99_ms"), f"{thr:,.0f}" if thr else "-"] + \
+                    [f"{r['speedup'][b]:.2f}x" if b in r.get("speedup", {}) else "-" for b in bs] + \
+                    [fmt_metric(r.get("metric"), met), fmt_change(r, met), _notes(r)]
             lines.append("| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |")
         lines.append("")
     lines.append(f"Built in {report.get('elapsed_s', 0):.0f} s. Sizes include ONNX external data. "
-                 "Latency: wall clock per call, median of repeated runs after warm-up.")
+                 "Latency: wall clock per call, median of repeated runs after warm-up. Speedup: FP32 PyTorch p50 "
+                 "over the row's p50 at that batch size (measured in the same run).")
     return "\n".join(lines) + "\n"

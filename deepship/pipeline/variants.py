@@ -192,3 +192,42 @@ def publish(v: Variant, dest: str | Path) -> list[Path]:
         for f in v.files:
             shutil.copyfile(Path(v.dir) / f, tmp / f)
     return [dest / f for f in v.files]
+
+
+def cache_entries(root: Path | None = None) -> list[dict[str, Any]]:
+    """The built variants in the cache: one dict per artifact folder with ``model``, ``variant``,
+    ``key``, ``bytes`` (every file), ``modified`` (POSIX seconds) and ``valid`` (its files match
+    ``meta.json``), sorted by model and variant."""
+    base = (root or cache_root()) / "artifacts"
+    out = []
+    for d in sorted(base.glob("*/*")) if base.is_dir() else []:
+        if not d.is_dir() or d.name.startswith("."):
+            continue
+        name, _, key = d.name.rpartition("-")
+        files = [f for f in d.rglob("*") if f.is_file()]
+        out.append({"model": d.parent.name, "variant": name, "key": key, "path": str(d),
+                    "bytes": sum(f.stat().st_size for f in files), "modified": max((f.stat().st_mtime for f in files),
+                                                                                   default=d.stat().st_mtime),
+                    "valid": load_cached(d.parent.name, name, key) is not None})
+    return out
+
+
+def clear_cache(models: list[str] | None = None, root: Path | None = None) -> tuple[int, int]:
+    """Delete the cache (``$DEEPSHIP_CACHE``): everything, or only the artifacts of ``models``.
+
+    Returns:
+        ``(entries removed, bytes freed)``.
+    """
+    base = root or cache_root()
+    if not base.is_dir():
+        return 0, 0
+    targets = [base / "artifacts" / m for m in models] if models else [p for p in base.iterdir()]
+    n = freed = 0
+    for t in targets:
+        if not t.exists():
+            continue
+        files = [f for f in t.rglob("*") if f.is_file()] if t.is_dir() else [t]
+        freed += sum(f.stat().st_size for f in files)
+        n += len([d for d in t.iterdir() if d.is_dir()]) if t.is_dir() and models else 1
+        shutil.rmtree(t) if t.is_dir() else t.unlink()
+    return n, freed

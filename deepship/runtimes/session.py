@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..errors import ArtifactError, InputSpecError
-from ..utils import check_onnx_file, default_threads
+from ..utils import check_onnx_file, default_threads, first_line
 
 
 class Session:
@@ -75,6 +75,8 @@ class TorchSession(Session):
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self.torch
+        if torch.get_num_threads() != self.threads:  # the count is process-wide: another session (or a
+            torch.set_num_threads(self.threads)      # fine-tune at 1 thread) may have changed it since
         args = []
         for n in self.input_names:
             if n not in feeds:
@@ -159,7 +161,7 @@ class OrtSession(Session):
         try:
             self.sess = ort.InferenceSession(source, so, providers=list(providers or ["CPUExecutionProvider"]))
         except Exception as e:
-            msg = str(e).splitlines()[0][:200]
+            msg = first_line(e, 200)
             raise ArtifactError(f"ONNX Runtime cannot load {path}: {msg}") from None
         self.path = str(path)
         self.provider = self.sess.get_providers()[0]

@@ -27,6 +27,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import DeepshipError
+from ..utils import first_line
 from .protocol import RequestError
 
 
@@ -241,7 +242,7 @@ class DynamicBatcher:
                 err = RequestError(f"model '{self.name}' rejected the batch: {e}", 400)
                 results = [err] * len(batch)
             except Exception as e:  # the runtime failed: answer 500 for this batch, keep serving
-                msg = str(e).splitlines()[0][:200] if str(e) else ""
+                msg = first_line(e, 200)
                 results = [RequestError(f"model '{self.name}' failed: {type(e).__name__}: {msg}", 500)] * len(batch)
             for p, r in zip(batch, results):
                 if p.future.done():

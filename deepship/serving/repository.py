@@ -35,7 +35,7 @@ from ..models.spec import TensorSpec, parse_input_spec
 from ..pipeline.variants import Variant
 from ..runtimes.engines import get_backend
 from ..runtimes.session import OrtSession
-from ..utils import sha256_file
+from ..utils import first_line, sha256_file
 from .protocol import ORT_TO_NUMPY
 
 #: Valid served-model names: 1-128 characters, letters, digits, ``.``, ``_``, ``-``; no ``..``.
@@ -375,7 +375,7 @@ def build_model(src: ModelSource, max_batch_size: int, threads: int | None = Non
         raise ArtifactError(f"{src.name} ({src.path}) fails its warm-up run: {e}") from None
     except Exception as e:  # a runtime crashing on its own model: fail start-up, name it
         raise ArtifactError(f"{src.name} ({src.path}) fails its warm-up run: {type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:150] if str(e) else ''}") from None
+                            f"{first_line(e, 150)}") from None
     batchable = batchable and all(np.ndim(v) > 0 and np.shape(v)[0] == 1 for v in res.values())
     if batchable and max_batch_size > 1:
         try:  # also allocates the largest batch's buffers up front

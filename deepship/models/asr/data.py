@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import DataError
-from ...utils import atomic_file, cache_root, stable_hash
+from ...utils import atomic_file, cache_root, first_line, stable_hash
 
 SAMPLE_RATE = 16000
 N_MELS = 80
@@ -342,7 +342,7 @@ def check_audio_file(path: str | Path):
     try:
         info = sf.info(str(path))
     except Exception as e:
-        raise DataError(f"cannot read {path} as audio ({str(e).splitlines()[0][:100]}); give a WAV, FLAC or OGG file") from None
+        raise DataError(f"cannot read {path} as audio ({first_line(e, 100)}); give a WAV, FLAC or OGG file") from None
     if info.frames == 0:
         raise DataError(f"audio file {path} has no samples; record some speech")
     return info

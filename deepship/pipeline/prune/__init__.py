@@ -45,33 +45,12 @@ scaled when a distillation student is derived). The zoo's GPT decoder registers 
 from __future__ import annotations
 
 from .archs import ARCHS, ArchSupport, arch_of, arch_support, register_architecture  # noqa: F401
-from .stages import (  # noqa: F401
-                     DEFAULT_FINETUNE_STEPS,
-                     FINETUNE_LR_FACTOR,
-                     REPORT_FINETUNE_STEPS,
-                     chain_entries,
-                     export_method,
-                     finetune,
-                     parent_module,
-                     report_notes,
-                     save_torch_variant,
-                     variant_name,
-)
-from .sweep import measure_variants, parse_sparsities, prunable, publish_variants, rows_to_json, sweep, sweep_markdown  # noqa: F401
-from .torch_pruning import (  # noqa: F401
-                     IMPORTANCE_CRITERIA,
-                     PRUNABLE_TYPES,
-                     PRUNE_METHODS,
-                     RNN_TYPES,
-                     SINGLE_THREAD_TRAIN_PARAMS,
-                     count_nonzero,
-                     count_parameters,
-                     gzip_size,
-                     make_permanent,
-                     output_layers,
-                     rnn_unit_norms,
-                     structured_prune,
-                     train_threads,
-                     unstructured_masks,
-                     why_not_structured,
-)
+from .stages import (DEFAULT_FINETUNE_STEPS, FINETUNE_LR_FACTOR, REPORT_FINETUNE_STEPS, chain_entries,  # noqa: F401
+                     example_args, export_method, finetune, parent_module, report_notes, save_torch_variant,
+                     variant_name)
+from .sweep import (measure_variants, parse_sparsities, prunable, publish_variants, rows_to_json,  # noqa: F401
+                    sweep, sweep_markdown)
+from .torch_pruning import (IMPORTANCE_CRITERIA, PRUNABLE_TYPES, PRUNE_METHODS, RNN_TYPES,  # noqa: F401
+                            SINGLE_THREAD_TRAIN_PARAMS, count_nonzero, count_parameters, gzip_size, make_permanent,
+                            output_layers, rnn_unit_norms, structured_prune, train_threads, unstructured_masks,
+                            why_not_structured)

@@ -30,7 +30,8 @@ FINETUNE_LR_FACTOR = 0.5
 REPORT_FINETUNE_STEPS = 100
 
 
-def _example_args(ctx: ModelContext) -> tuple:
+def example_args(ctx: ModelContext) -> tuple:
+    """The spec's example inputs as torch tensors, in ``forward()`` order (for tracing)."""
     return tuple(torch.from_numpy(v) for v in ctx.spec.example_inputs().values())
 
 
@@ -43,7 +44,9 @@ def finetune(ctx: ModelContext, module: nn.Module, steps: int, lr_factor: float 
 
     Returns:
         ``{"steps", "epochs", "lr", "train_s", "final_loss"}``, or ``{"skipped": reason}`` when the
-        model has no recipe or no training data (e.g. a user model).
+        model has no labeled training data (a user model without ``--train-data``) or no recipe. A
+        user model with ``--train-data`` trains with :func:`deepship.models.train.fit_supervised`
+        (early stopping on a split of the training data).
     """
     spec = ctx.spec
     if steps <= 0:
@@ -57,8 +60,10 @@ def finetune(ctx: ModelContext, module: nn.Module, steps: int, lr_factor: float 
         stats = spec.train(module, ds, recipe)
         module.eval()
         return {"steps": int(steps), "lr": recipe["lr"], **stats}
-    if spec.train is None or spec.recipe is None or ds is None or ds.train.targets is None:
-        return {"skipped": "the model has no training recipe or labeled training data"}
+    if ds is None or ds.train.targets is None:
+        return {"skipped": "no labeled training data: pass --train-data FILE.npz (inputs and targets) to fine-tune"}
+    if spec.train is None or spec.recipe is None:
+        return {"skipped": "the model has no training recipe"}
     bs = int(spec.recipe.get("batch_size", 32))
     per_epoch = math.ceil(len(ds.train) / bs)
     epochs = max(1, round(steps / per_epoch))
@@ -107,7 +112,7 @@ def save_torch_variant(ctx: ModelContext, module: nn.Module, out: Path) -> tuple
             pass
 
     try:
-        ep = torch.export.export(module.eval(), _example_args(ctx), dynamic_shapes=dynamic_shapes(ctx.spec.inputs))
+        ep = torch.export.export(module.eval(), example_args(ctx), dynamic_shapes=dynamic_shapes(ctx.spec.inputs))
         torch.export.save(ep, str(out / "model.pt2"))
     except Exception as e:
         raise StageError(f"cannot save the pruned {type(module).__name__}: its architecture is not one build(arch) "
@@ -133,7 +138,7 @@ def _structured_stage(ctx: ModelContext, parent: Variant, params: dict, out: Pat
     importance = str(params.get("importance", "l2"))
     steps = int(params.get("finetune_steps", DEFAULT_FINETUNE_STEPS))
     module = parent_module(ctx, parent)
-    module, info = structured_prune(module, _example_args(ctx), sparsity, importance, params.get("round_to"))
+    module, info = structured_prune(module, example_args(ctx), sparsity, importance, params.get("round_to"))
     metric_before_ft = _metric(ctx, module) if ctx.dataset() is not None else None
     ft = finetune(ctx, module, steps)
     files, saved = save_torch_variant(ctx, module, out)

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from ...errors import StageError
+from ...utils import first_line
 from ...models.user import ExportedModule
 from .archs import arch_support
 
@@ -241,7 +242,7 @@ def structured_prune(module: nn.Module, example_args: tuple, sparsity: float, im
                                                    output_transform=extra.get("output_transform"), verbose=False)
     except Exception as e:
         raise StageError(f"torch-pruning cannot trace {type(module).__name__}: {type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:160] if str(e) else ''}; use unstructured pruning") from None
+                         f"{first_line(e, 160)}; use unstructured pruning") from None
     outs = output_layers(dg)
     ignored = list(outs) + list(extra.pop("ignored_layers", []))
     pruner = tp.pruner.MetaPruner(

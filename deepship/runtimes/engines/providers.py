@@ -31,6 +31,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ...errors import StageError
+from ...utils import first_line
 from .tensorrt import profile_shapes
 
 ALIASES = {
@@ -233,7 +234,7 @@ def create_session(path: str | os.PathLike, requested: Sequence[str], options: S
     try:
         sess = make(profile)
     except Exception as e:
-        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        msg = first_line(e, 200) or type(e).__name__
         raise StageError(f"ONNX Runtime cannot create a session for {path} on {', '.join(requested)}: {msg}") from None
     loaded = list(sess.get_providers())
     placement: dict[str, int] = {}

@@ -1,0 +1,122 @@
+"""Commands that measure and gate: ``report``, ``check``, ``cache``."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from ._common import (CALIBRATION_DATA, DATA, INPUTS, METRIC, MODEL_HELP, NAME, TRAIN_DATA, WEIGHTS, app, batch_sizes,
+                      csv, err, load, note, out, user_errors)
+
+
+@app.command("report")
+@user_errors
+def report_cmd(models: List[str] = typer.Argument(None, help=f"models ({MODEL_HELP}); default: the default zoo set"),
+               all_models: bool = typer.Option(False, "--all", help="every zoo model, heavy ones too"),
+               out_dir: Path = typer.Option(Path("report"), "--out", help="folder for report.json and report.md"),
+               methods: Optional[str] = typer.Option(None, help="comma-separated quantize methods (default all)"),
+               engines: Optional[str] = typer.Option(None, help="engine rows to add: onnxruntime,inductor,tensorrt "
+                                                     "(default: onnxruntime)"),
+               prune: Optional[str] = typer.Option(None, help="structured pruning rows at these sparsities, e.g. "
+                                                   "0.25,0.5 (fine-tuned on --train-data for your own model)"),
+               distill: bool = typer.Option(False, "--distill", help="add a width-0.5 student distilled from the model "
+                                            "(needs --train-data for your own model)"),
+               batches: str = typer.Option("1,32", help="comma-separated batch sizes to time"),
+               threads: Optional[int] = typer.Option(None, help="intra-op threads (default: all cores)"),
+               min_time: float = typer.Option(0.25, help="minimum timed seconds per variant and batch"),
+               inputs: List[str] = INPUTS, weights: Optional[str] = WEIGHTS, name: Optional[str] = NAME,
+               data: Optional[str] = DATA, train_data: Optional[str] = TRAIN_DATA,
+               calibration_data: Optional[str] = CALIBRATION_DATA, metric: Optional[str] = METRIC,
+               retrain: bool = typer.Option(False, help="ignore committed and cached weights")):
+    """Build every variant, evaluate on held-out data, benchmark, write report.json and report.md."""
+    from ..errors import InputSpecError
+    from ..models.zoo import DEFAULT_SET, ZOO
+    from ..pipeline import prune as P
+    from ..pipeline.report import run_report
+
+    names = list(ZOO) if all_models else (models or DEFAULT_SET)
+    per_model = inputs or weights or data or train_data or calibration_data or name
+    if per_model and len(names) != 1:
+        raise InputSpecError("--input/--weights/--data/--train-data/--calibration-data/--name apply to one model; "
+                             "name exactly one")
+    bs = batch_sizes(batches)
+    sparsities = P.parse_sparsities(prune) if prune else []
+    specs = [load(n, inputs, weights, data, metric, retrain, train_data, calibration_data, name).spec for n in names]
+    rep = run_report(specs, out_dir=out_dir, methods=csv(methods) or None, batches=bs, threads=threads,
+                     min_time_s=min_time, retrain=retrain, engines=csv(engines) or None, prune=sparsities,
+                     distill=distill)
+    failed = [f"{m['model']}/{v['variant']}" for m in rep["models"] for v in m["variants"] if v["status"] != "ok"]
+    out.print(f"wrote {out_dir / 'report.json'} and {out_dir / 'report.md'} in {rep['elapsed_s']:.0f} s", highlight=False)
+    if failed:
+        err.print(f"warning: {len(failed)} variant(s) failed: {', '.join(failed)} (see report.md)", highlight=False)
+
+
+@app.command("check")
+@user_errors
+def check_cmd(report: Path = typer.Argument(..., help="new report.json"),
+              baseline: Path = typer.Option(..., help="baseline report.json"),
+              budgets: Optional[Path] = typer.Option(None, help="TOML budgets file"),
+              max_drop: Optional[float] = typer.Option(None, help="max worsening in metric units (accuracy: points)"),
+              max_rel_drop: Optional[float] = typer.Option(None, help="max relative worsening (0.02 = 2%)"),
+              latency_tolerance: Optional[float] = typer.Option(None, help="max relative p50 latency rise (same CPU only)"),
+              summary: Optional[Path] = typer.Option(None, help="also write the Markdown summary here")):
+    """CI accuracy-regression gate: exits 1 naming each variant over budget."""
+    from .. import api
+    from ..pipeline.check import to_markdown
+    from ..utils import write_text_atomic
+
+    res = api.check(report, baseline, budgets, max_drop, max_rel_drop, latency_tolerance)
+    md = to_markdown(res)
+    print(md)
+    if summary:
+        write_text_atomic(summary, md)
+    if not res.ok:
+        for f in res.failures:
+            err.print(f"over budget: {f}", highlight=False)
+        raise typer.Exit(1)
+
+
+
+
+cache_app = typer.Typer(no_args_is_help=True, help="The artifact cache ($DEEPSHIP_CACHE, default ./.deepship-cache).")
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("ls")
+@user_errors
+def cache_ls_cmd(as_json: bool = typer.Option(False, "--json", help="print the entries as JSON")):
+    """List the built variants in the cache (model, variant, key, size, age, valid)."""
+    import time
+
+    from ..pipeline.report import fmt_bytes
+    from ..pipeline.variants import cache_entries
+    from ..utils import cache_root, sweep_stale_temp
+
+    swept = sweep_stale_temp(cache_root())
+    rows = cache_entries()
+    if as_json:
+        print(json.dumps({"root": str(cache_root()), "entries": rows, "stale_temp_removed": [str(p) for p in swept]}))
+        return
+    out.print(f"cache: {cache_root()} ({len(rows)} variants, {fmt_bytes(sum(r['bytes'] for r in rows))})",
+              highlight=False, markup=False)
+    for r in rows:
+        age = (time.time() - r["modified"]) / 3600
+        out.print(f"{r['model']:<16} {r['variant']:<36} {r['key']}  {fmt_bytes(r['bytes']):>9}  {age:6.1f} h"
+                  + ("" if r["valid"] else "  (invalid: rebuilt on next use)"), highlight=False, markup=False)
+    if swept:
+        note(f"removed {len(swept)} stale temporary folder(s) left by killed builds")
+
+
+@cache_app.command("clear")
+@user_errors
+def cache_clear_cmd(models: List[str] = typer.Argument(None, help="only these models' artifacts (default: everything)")):
+    """Delete the cache: every artifact, trained weight and data cache, or only the named models' artifacts."""
+    from ..pipeline.report import fmt_bytes
+    from ..pipeline.variants import clear_cache
+    from ..utils import cache_root
+
+    n, freed = clear_cache(models or None)
+    out.print(f"removed {n} {'variant folder(s)' if models else 'cache entr(ies)'} from {cache_root()} "
+              f"({fmt_bytes(freed)} freed)", highlight=False, markup=False)

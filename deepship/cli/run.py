@@ -1,0 +1,120 @@
+"""Commands that run models: ``serve``, ``generate``, ``asr bundle``, ``asr transcribe``."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from ._common import app, err, out, user_errors
+
+
+@app.command("serve")
+@user_errors
+def serve_cmd(refs: List[str] = typer.Argument(..., help="a report.json, or .onnx files / variant folders "
+                                               "(NAME=PATH to name one)"),
+              host: str = typer.Option("127.0.0.1", help="interface to bind (0.0.0.0 exposes it to the network)"),
+              port: int = typer.Option(8000, help="TCP port"),
+              variant: List[str] = typer.Option(None, "--variant", help="report.json: serve only this variant "
+                                                "(repeat), e.g. fp32-onnx"),
+              model: List[str] = typer.Option(None, "--model", help="report.json: serve only this model (repeat)"),
+              batching: bool = typer.Option(True, "--batching/--no-batching", help="dynamic batching"),
+              max_batch_size: int = typer.Option(64, help="most samples per executed batch"),
+              max_queue_delay_ms: float = typer.Option(0.0, help="most time the oldest request waits for a batch to "
+                                                       "fill, ms"),
+              max_queue_size: int = typer.Option(256, help="most queued requests per model; more get 503"),
+              timeout: float = typer.Option(10.0, help="per-request timeout, s"),
+              max_body_mb: float = typer.Option(16.0, help="largest request body, MiB"),
+              threads: Optional[int] = typer.Option(None, help="intra-op threads per model (default: cores - 1)")):
+    """Serve variants over the Open Inference Protocol (KServe v2 / Triton REST) with dynamic batching."""
+    from ..serving import BatcherConfig, ServerConfig, serve
+    from ..serving.repository import ServingError
+
+    if max_batch_size < 1 or max_queue_size < 1 or timeout <= 0 or max_body_mb <= 0 or max_queue_delay_ms < 0:
+        raise ServingError("--max-batch-size, --max-queue-size, --timeout and --max-body-mb must be positive "
+                           "and --max-queue-delay-ms non-negative")
+    cfg = ServerConfig(host=host, port=port, threads=threads, max_body_bytes=int(max_body_mb * 2 ** 20),
+                       batching=BatcherConfig(batching, max_batch_size, max_queue_delay_ms, max_queue_size, timeout))
+    serve(refs, cfg, variants=variant or None, models=model or None,
+          log=lambda s: err.print(s, highlight=False, soft_wrap=True))
+
+
+@app.command("generate")
+@user_errors
+def generate_cmd(model: str = typer.Argument("gpt", help="decoder zoo name (gpt)"),
+                 prompt: str = typer.Option(..., "--prompt", help="prompt text"),
+                 max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="token limit"),
+                 variant: str = typer.Option("fp32-onnx", help="fp32-torch | fp32-onnx | int8-dynamic | int4-b32 | "
+                                             "int4-b128 (aliases torch, fp32, int8, int4)"),
+                 speculative: bool = typer.Option(False, "--speculative", help="speculative decoding with --draft"),
+                 draft: str = typer.Option("gpt-draft", help="draft model for --speculative"),
+                 k: int = typer.Option(4, "--k", help="draft tokens proposed per round"),
+                 draft_variant: Optional[str] = typer.Option(None, "--draft-variant",
+                                                             help="the draft's variant (default int8-dynamic)"),
+                 sample: bool = typer.Option(False, "--sample", help="sample instead of greedy decoding"),
+                 temperature: float = typer.Option(1.0, help="sampling temperature (with --sample)"),
+                 top_k: Optional[int] = typer.Option(None, "--top-k", help="top-k filter (with --sample)"),
+                 top_p: Optional[float] = typer.Option(None, "--top-p", help="nucleus top-p filter (with --sample)"),
+                 seed: int = typer.Option(0, help="sampling seed"),
+                 stop: List[str] = typer.Option(None, "--stop", help="one-token stop string, e.g. $'\\n'; repeatable"),
+                 threads: int = typer.Option(1, help="intra-op threads (1 is fastest for batch-1 decoding of this model)"),
+                 as_json: bool = typer.Option(False, "--json", help="print the result as JSON")):
+    """Generate text with the GPT decoder (KV cache; optionally speculative decoding with a draft)."""
+    from .. import api
+
+    res = api.generate(model, prompt, max_new_tokens=max_new_tokens, variant=variant, speculative=speculative,
+                       draft=draft, k=k, draft_variant=draft_variant, greedy=not sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                       seed=seed, stop=stop or (), threads=threads)
+    if as_json:
+        print(json.dumps(res))
+        return
+    out.print(prompt + res["text"], highlight=False, markup=False)
+    acc = f", acceptance {res['acceptance_rate']:.2f} at k={res['k']}" if res["acceptance_rate"] is not None else ""
+    err.print(f"{res['new_tokens']} tokens ({res['finish_reason']}) from {model}/{res['variant']}"
+              + (f" + draft {res['draft']}" if res["draft"] else "")
+              + f": prefill {res['prefill_ms']:.1f} ms, {res['tokens_per_s']:.1f} tokens/s{acc}", highlight=False)
+
+
+asr_app = typer.Typer(no_args_is_help=True, help="Streaming speech recognition: deployment bundle and transcription.")
+app.add_typer(asr_app, name="asr")
+
+
+@asr_app.command("bundle")
+@user_errors
+def asr_bundle_cmd(out_dir: Path = typer.Option(Path("asr-bundle"), "--out", help="bundle folder (replaced atomically)"),
+                   variant: str = typer.Option("int8-dynamic", help="fp32-onnx | int8-dynamic | int8-static"),
+                   measure: bool = typer.Option(True, help="measure CER, RTF and chunk latency into the README")):
+    """Write the edge deployment bundle: INT8 model, token table, feature config, a minimal runner."""
+    from .. import api
+
+    res = api.asr_bundle(out_dir, variant=variant, measure=measure)
+    out.print(f"wrote {res['dir']}/ ({', '.join(res['files'])}): model {res['size_bytes'] / 1024:.0f} KB, "
+              f"bundle {res['bundle_bytes'] / 1024:.0f} KB", highlight=False)
+    if "cer" in res:
+        out.print(f"held-out voices: CER {res['cer'] * 100:.2f}%, WER {res['wer'] * 100:.2f}%; RTF {res['rtf_1thread']:.4f} "
+                  f"on 1 thread; per-chunk p50 {res['chunk_ms_p50']:.3f} ms, p99 {res['chunk_ms_p99']:.3f} ms; "
+                  f"algorithmic latency {res['algorithmic_latency_ms']:.0f} ms", highlight=False)
+
+
+@asr_app.command("transcribe")
+@user_errors
+def asr_transcribe_cmd(audio: Path = typer.Argument(..., help="audio file: WAV/FLAC/OGG, any rate, mono or stereo"),
+                       stream: bool = typer.Option(False, "--stream", help="feed 100 ms pieces and print partial results"),
+                       variant: str = typer.Option("int8-dynamic", help="fp32-torch | fp32-onnx | int8-dynamic | int8-static"),
+                       beam: int = typer.Option(0, help="CTC prefix beam search width for the final result (0: greedy)"),
+                       threads: int = typer.Option(1, help="intra-op threads"),
+                       as_json: bool = typer.Option(False, "--json", help="print the result as JSON")):
+    """Transcribe an audio file with the streaming recognizer."""
+    from .. import api
+
+    res = api.transcribe(audio, variant=variant, stream=stream, beam=beam, threads=threads,
+                         on_partial=(lambda t: err.print(f"... {t}", highlight=False, markup=False)) if stream else None)
+    if as_json:
+        print(json.dumps(res))
+        return
+    out.print(res["text"], highlight=False, markup=False)
+    rtf = f", RTF {res['rtf']:.4f}" if res["rtf"] is not None else ""
+    err.print(f"{res['seconds']:.2f} s of audio, {res['chunks']} chunks, {res['variant']}{rtf}", highlight=False)
+
+
