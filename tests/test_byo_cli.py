@@ -1,5 +1,6 @@
 """Bring your own model (factory + weights, .pt2, .onnx, labeled .npz) and the CLI's bad-input contract:
 one-line error, exit 2, no traceback, no partial file."""
+import json
 from pathlib import Path
 
 import numpy as np
@@ -119,7 +120,7 @@ def test_cli_bad_inputs(cli, tmp_path, user_files):
                            "external data file")
     _assert_one_line_error(*cli("quantize", "mlp", "--method", "int3", "-o", out / "q.onnx"), "unknown quantize method")
     _assert_one_line_error(*cli("export", "user_models:make_net", "--input", "x:float32[batch,8", "-o", out / "x.onnx"),
-                           "cannot parse input spec")
+                           "cannot parse input spec", "x:float32[batch,3,32,32]")  # brackets printed as written
     _assert_one_line_error(*cli("report", "user_models:make_net", "--input", "x:float32[batch,8]",
                                 "--data", tmp_path / "nope.npz", "--out", out / "r"), "data file")
     # nothing half-written anywhere in the output folder
@@ -166,3 +167,29 @@ def test_cli_export_and_quantize_print_parity_and_nodes(cli, tmp_path):
                          "-o", tmp_path / "q.onnx")
     assert code == 0, err
     assert "quantized Conv x2, Gemm x2" in out and "percentile" in out
+
+
+def test_engine_prints_parity_and_latency_and_cache_commands(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("DEEPSHIP_CACHE", str(tmp_path / "cache"))
+    code, out, err = cli("engine", "user_models:make_net", "--input", "x:float32[batch,8]", "--backend", "inductor",
+                         "--batches", "1,4", "--name", "tiny", "-o", tmp_path / "eng")
+    assert code == 0, err
+    text = " ".join(out.split())
+    assert "parity against FP32 PyTorch on 64" in text and "p50 at batch 1:" in text and "p50 at batch 4:" in text
+    import os
+
+    # a temporary folder left by a killed build (its pid is gone) is swept by `cache ls`
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    stale = tmp_path / "cache" / "artifacts" / "tiny" / f".tmp-x-{pid}-abcd1234"
+    stale.mkdir(parents=True)
+    code, out, err = cli("cache", "ls")
+    assert code == 0 and "tiny" in out and "inductor-engine" in out and not stale.exists()
+    assert "removed 1 stale" in err
+    code, out, err = cli("cache", "ls", "--json")
+    entries = json.loads(out)["entries"]
+    assert {e["variant"] for e in entries} >= {"fp32-torch", "inductor-engine"} and all(e["valid"] for e in entries)
+    code, out, err = cli("cache", "clear", "tiny")
+    assert code == 0 and "removed" in out and not (tmp_path / "cache" / "artifacts" / "tiny").exists()

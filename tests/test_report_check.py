@@ -127,6 +127,32 @@ def test_gate_latency_missing_and_toml(small_report, tmp_path, cli):
     assert code == 0 and "passed" in out
 
 
+def test_gate_refuses_budgets_that_check_nothing(small_report, tmp_path, cli):
+    """A budget naming a variant or metric that is in neither report, a negative budget or a string is an
+    error (exit 2, one line, brackets shown as written); latency failures get their own table."""
+    d, rep = small_report
+    rp = d / "report.json"
+    cases = [('[variants."mlp/int9"]\nmax_drop = 1.0\n', 'names no variant of the reports; model \'mlp\' has'),
+             ('[variants."resnet/fp32-onnx"]\nmax_drop = 1.0\n', "the reports hold the models"),
+             ("[metrics.f1]\nmax_drop = 1.0\n", "names no metric"),
+             ("[default]\nmax_drop = -1.0\n", "is negative"),
+             ('[default]\nmax_drop = "1.0"\n', "is not a number"),
+             ("[defaults]\nmax_drop = 1.0\n", "unknown table [defaults]"),
+             ("[default\nmax_drop = 1\n", '[variants."model/variant"]')]
+    for i, (toml, want) in enumerate(cases):
+        (tmp_path / f"b{i}.toml").write_text(toml)
+        code, out, err = cli("check", rp, "--baseline", rp, "--budgets", tmp_path / f"b{i}.toml")
+        text = " ".join((out + err).split())
+        assert code == 2 and text.startswith("error:") and want in text and "Traceback" not in text, (toml, text)
+    code, out, err = cli("check", rp, "--baseline", rp, "--max-drop", "-2")
+    assert code == 2 and "is negative" in err
+    slow = json.loads(json.dumps(rep))
+    slow["models"][0]["variants"][1]["latency_ms"]["1"]["p50_ms"] *= 5
+    (tmp_path / "slow.json").write_text(json.dumps(slow))
+    code, out, err = cli("check", tmp_path / "slow.json", "--baseline", rp, "--latency-tolerance", "0.5")
+    assert code == 1 and "| variant | batch | baseline ms | new ms | change | tolerance | status |" in out
+
+
 def test_gate_bad_files(tmp_path, cli):
     (tmp_path / "x.json").write_text("{not json")
     with pytest.raises(GateError, match="not valid JSON"):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -151,29 +150,11 @@ def test_report_rows_for_any_model(user, tmp_path):
 
 
 def test_report_torch_timing_agrees_with_a_plain_loop(user, tmp_path):
-    """The report's fp32-torch p50 against a plain ``time.perf_counter`` loop over the same module in the
+    """The report's fp32-torch p50 against a plain ``time.perf_counter`` loop
+    (:func:`deepship.runtimes.benchmark.plain_loop_ms`) over the same module in the
     same process, alternated three times (shared machine: a factor of 2 either way is noise)."""
-    from deepship.pipeline.evaluate import bench_feeds
-    from deepship.runtimes.benchmark import measure
+    from deepship.pipeline.evaluate import harness_agreement
 
     ctx = api.load("usernet:build", inputs=[SPEC], weights=str(user / "w.pth"), data=str(user / "test.npz"))
-    sess = ctx.session(ctx.baseline())
-    mod = ctx.module()
-    ratios = []
-    for b in (1, 32):
-        feeds = bench_feeds(ctx, b)
-        x = torch.from_numpy(feeds["x"])
-        rep, plain = [], []
-        for _ in range(3):
-            rep.append(measure(sess, feeds, min_time_s=0.1, batch=b).p50_ms)
-            with torch.inference_mode():
-                for _ in range(3):
-                    mod(x)
-                ts = []
-                for _ in range(30):
-                    t0 = time.perf_counter()
-                    mod(x)
-                    ts.append((time.perf_counter() - t0) * 1e3)
-            plain.append(float(np.median(ts)))
-        ratios.append(np.median(rep) / np.median(plain))
-    assert all(0.5 < r < 2.0 for r in ratios), ratios
+    rows = harness_agreement(ctx, (1, 32), rounds=3, min_time_s=0.1)
+    assert all(0.5 < r["ratio"] < 2.0 for r in rows), rows

@@ -6,7 +6,7 @@ from typing import Any
 import numpy as np
 
 from ..models.spec import SECOND_DIM_SIZES
-from ..runtimes.benchmark import measure
+from ..runtimes.benchmark import measure, plain_loop_ms
 
 
 def eval_feeds(ctx) -> tuple[dict[str, np.ndarray], np.ndarray | None, str]:
@@ -99,3 +99,31 @@ def compare_with_baseline(ctx, variant, batches=(1, 32), threads: int | None = N
         lat[str(b)] = {k: float(np.median(v)) for k, v in t.items()}
     return {"drift": drift(got, ref, argmax=ctx.spec.task in ARGMAX_TASKS), "samples": len(ref), "data": source,
             "latency_ms": lat}
+
+
+def harness_agreement(ctx, batches=(1, 32), rounds: int = 3, min_time_s: float = 0.5) -> list[dict[str, Any]]:
+    """The harness's FP32 PyTorch p50 (:func:`deepship.runtimes.benchmark.measure` over the baseline's
+    Session, as the report times it) against a bare loop over the same module
+    (:func:`deepship.runtimes.benchmark.plain_loop_ms`), alternated ``rounds`` times per batch size.
+
+    Returns:
+        one row per batch: ``{"batch", "report_p50_ms", "plain_loop_p50_ms", "ratio", "rounds", "threads"}``
+        (medians over the rounds; ratio = report / plain).
+    """
+    import torch
+
+    sess = ctx.session(ctx.baseline())
+    mod = ctx.module()
+    rows = []
+    for b in batches:
+        feeds = bench_feeds(ctx, b)
+        args = [torch.from_numpy(feeds[t.name]) for t in ctx.spec.inputs]
+        rep, plain = [], []
+        for _ in range(rounds):
+            rep.append(measure(sess, feeds, min_time_s=min_time_s, batch=b).p50_ms)
+            with torch.inference_mode():
+                plain.append(plain_loop_ms(lambda: mod(*args), min_time_s=min_time_s))
+        rows.append({"batch": b, "report_p50_ms": float(np.median(rep)), "plain_loop_p50_ms": float(np.median(plain)),
+                     "ratio": float(np.median(rep) / np.median(plain)), "rounds": rounds,
+                     "threads": torch.get_num_threads()})
+    return rows

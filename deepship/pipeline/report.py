@@ -130,6 +130,8 @@ def run_model(ctx: ModelContext, plan, batches: Sequence[int], threads: int | No
                 "artifact": str(v.path) if v.path else None, "key": v.key,
             })
             extra = ctx.arch.measure(ctx, v, sess) if ctx.arch.measure is not None else None
+            if extra is None and any(a.stage in ("prune", "distill") for a in ctx.lineage(v)):
+                extra = P.report_notes(ctx, v, sess)  # any model's prune/distill rows say what was done
             if extra is not None:
                 row["extra"] = extra
             if ev["metric"] is not None and base_metric is not None:

@@ -70,3 +70,17 @@ def measure_batches(session: Session, make_feeds: Callable[[int], Mapping[str, n
                     batches: tuple[int, ...] = (1, 32), **kw) -> dict[int, LatencyStats]:
     """:func:`measure` at each batch size; ``make_feeds(batch)`` builds the inputs."""
     return {b: measure(session, make_feeds(b), batch=b, **kw) for b in batches}
+
+
+def plain_loop_ms(fn: Callable[[], object], warmup: int = 5, min_iters: int = 20, min_time_s: float = 0.5) -> float:
+    """Median milliseconds of ``fn()`` in a bare ``time.perf_counter`` loop: the reference the harness
+    is checked against (no Session, no feeds conversion). ``warmup`` untimed calls first."""
+    for _ in range(warmup):
+        fn()
+    ts: list[float] = []
+    t_end = time.perf_counter() + min_time_s
+    while len(ts) < min_iters or time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(ts))
