@@ -131,8 +131,13 @@ def prune(ctx: ModelContext, sparsity: float = 0.5, method: str = "structured", 
             method or importance.
     """
     P.prunable(ctx, method, source)
+    imp = importance or ("l2" if method == "structured" else "l1")
+    if imp not in P.IMPORTANCE_CRITERIA:
+        raise StageError(f"unknown importance '{imp}'; use one of {', '.join(P.IMPORTANCE_CRITERIA)}")
+    if not 0.0 < float(sparsity) < 1.0:
+        raise StageError(f"sparsity {sparsity} is outside (0, 1); give a fraction such as 0.5")
     parent = source or ctx.baseline()
-    params = {"sparsity": float(sparsity), "importance": importance or ("l2" if method == "structured" else "l1"),
+    params = {"sparsity": float(sparsity), "importance": imp,
               "finetune_steps": int(P.DEFAULT_FINETUNE_STEPS if finetune_steps is None else finetune_steps)}
     name = P.variant_name(method, sparsity)
     return ctx.build(name if parent.stage == "baseline" else f"{parent.name}-{name}", "prune", method, params, parent)
@@ -153,9 +158,8 @@ def distill(ctx: ModelContext, student: str | None = None, temperature: float = 
     """
     if not ctx.has_torch:
         raise StageError(f"cannot distill '{ctx.spec.name}': it is an ONNX file; distillation needs the torch teacher")
-    D.check_distillable(ctx)
+    params = D.resolve_params(ctx, source, student, temperature, alpha, epochs, seed)  # before building anything
     parent = source or ctx.baseline()
-    params = D.resolve_params(ctx, parent, student, temperature, alpha, epochs, seed)
     name = name or D.student_name(student, params, with_teacher=alpha < 1.0)
     return ctx.build(name, "distill", "kd", params, parent)
 

@@ -207,10 +207,14 @@ def check_onnx_file(path: str | os.PathLike) -> None:
     p = Path(path)
     if not p.is_file():
         raise ArtifactError(f"ONNX file {p} not found; check the path")
+    if p.stat().st_size == 0:
+        raise ArtifactError(f"{p} is empty (0 bytes), not a valid ONNX model; re-export it")
     try:
         m = onnx.load(str(p), load_external_data=False)
     except Exception as e:
         raise ArtifactError(f"{p} is not a valid ONNX model ({type(e).__name__}); re-export it") from None
+    if not m.graph.node and not m.graph.output:
+        raise ArtifactError(f"{p} is not a valid ONNX model (it holds no graph); re-export it")
     for init in m.graph.initializer:
         for kv in init.external_data:
             if kv.key == "location" and not (p.parent / kv.value).is_file():

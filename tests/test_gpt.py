@@ -332,7 +332,7 @@ def test_bad_input_errors(tiny):
         (lambda: R.generate(r, np.arange(64) % 1000, 5), "context"),
         (lambda: R.generate(r, [3, 1024], 5), "unknown token id 1024"),
         (lambda: R.generate(r, [3, -1], 5), "unknown token id -1"),
-        (lambda: R.generate(r, [3], 0), "max-new-tokens"),
+        (lambda: R.generate(r, [3], 0), "max_new_tokens 0"),
         (lambda: R.generate(r, [3], 5, Smp.Sampling(greedy=False, top_p=1.5)), "top-p"),
         (lambda: R.speculative_generate(r, d, [3], 5, k=0), "--k 0"),
         (lambda: R.speculative_generate(r, d, [3], 5, k=-2), "--k -2"),

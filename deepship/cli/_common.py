@@ -60,20 +60,31 @@ def say_error(message: str) -> None:
     err.print(f"[red]error:[/red] {escape(' '.join(str(message).split()))}", highlight=False, soft_wrap=True)
 
 
+#: notes on the data (which arrays were used, how it was split), printed when the command succeeds
+_NOTES: list[str] = []
+
+
 def user_errors(fn):
-    """Print a :class:`DeepshipError` as one line and exit 2, with no traceback."""
+    """Print a :class:`DeepshipError` as one line and exit 2, with no traceback (and nothing else on
+    stderr: the data notes gathered by :func:`load` are printed only when the command succeeds)."""
 
     @functools.wraps(fn)
     def wrapper(*a, **kw):
         quiet_libraries()
+        _NOTES.clear()
         try:
-            return fn(*a, **kw)
+            res = fn(*a, **kw)
         except DeepshipError as e:
+            _NOTES.clear()
             say_error(str(e))
             raise typer.Exit(EXIT_USER_ERROR)
         except KeyboardInterrupt:
             err.print("interrupted")
             raise typer.Exit(130)
+        for line in _NOTES:
+            note(line)
+        _NOTES.clear()
+        return res
 
     return wrapper
 
@@ -85,14 +96,13 @@ def note(text: str) -> None:
 
 def load(model: str, inputs=None, weights=None, data=None, metric=None, retrain=False, train_data=None,
          calibration_data=None, name=None):
-    """:func:`deepship.api.load`, then one line per note on the data (which arrays were used, how it
-    was split, no targets) on stderr."""
+    """:func:`deepship.api.load`; its notes on the data (which arrays were used, how it was split, no
+    targets) go to stderr when the command succeeds."""
     from .. import api
 
     ctx = api.load(model, inputs=inputs or None, weights=weights, data=data, metric=metric, retrain=retrain,
                    train_data=train_data, calibration_data=calibration_data, name=name)
-    for line in ctx.spec.extra.get("data_notes", ()):
-        note(f"data: {line}")
+    _NOTES.extend(f"data: {line}" for line in ctx.spec.extra.get("data_notes", ()))
     return ctx
 
 

@@ -56,6 +56,10 @@ def export_cmd(model: str = typer.Argument(..., help=MODEL_HELP),
     from .. import api
     from ..utils import check_writable
 
+    from ..exporters.onnx import check_opset
+
+    if opset is not None:
+        check_opset(opset)
     dest = check_writable(output or Path("out") / f"{stem(model, name)}.onnx")
     ctx = load(model, inputs, weights, name=name)
     v = api.export(ctx, opset=opset)
@@ -188,8 +192,12 @@ def prune_cmd(model: str = typer.Argument(..., help=MODEL_HELP),
     from ..pipeline.stages import get_stage
     from ..utils import check_writable, machine_info, write_json_atomic, write_text_atomic
 
+    from ..errors import StageError
+
     method = "structured" if structured else "unstructured"
     values = P.parse_sparsities(sparsity)
+    if importance is not None and importance not in P.IMPORTANCE_CRITERIA:
+        raise StageError(f"unknown importance '{importance}'; use one of {', '.join(P.IMPORTANCE_CRITERIA)}")
     bs = batch_sizes(batches)
     if quantize:
         get_stage("quantize", quantize)

@@ -31,6 +31,8 @@ def serve_cmd(refs: List[str] = typer.Argument(..., help="a report.json, or .onn
     from ..serving import BatcherConfig, ServerConfig, serve
     from ..serving.repository import ServingError
 
+    if not 0 <= port <= 65535:
+        raise ServingError(f"--port {port} is not a TCP port; give 1 to 65535 (0: any free port)")
     if max_batch_size < 1 or max_queue_size < 1 or timeout <= 0 or max_body_mb <= 0 or max_queue_delay_ms < 0:
         raise ServingError("--max-batch-size, --max-queue-size, --timeout and --max-body-mb must be positive "
                            "and --max-queue-delay-ms non-negative")

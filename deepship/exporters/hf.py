@@ -28,7 +28,7 @@ import numpy as np
 
 from ..models.spec import ModelSpec
 from ..utils import first_line
-from .onnx import ExportResult, export_onnx, save_onnx
+from .onnx import DEFAULT_OPSET, ExportResult, export_onnx, save_onnx
 
 log = logging.getLogger("deepship.exporters.hf")
 
@@ -193,6 +193,7 @@ def export_hf(module: Any, spec: ModelSpec, out_path: str | Path, opset: int = H
         except OptimumUnsupported as e:
             reason = str(e)
             log.warning("%s: Optimum cannot export it (%s); falling back to deepship's exporter", spec.name, reason)
-    res = export_onnx(module, spec, out_path, opset=opset)
+    # the dynamo exporter writes opset 18 and converts down; for encoders the conversion to 17 fails
+    res = export_onnx(module, spec, out_path, opset=max(opset, DEFAULT_OPSET))
     info.update(exporter="torch.onnx.export(dynamo=True) (deepship fallback)", fallback_reason=reason)
     return res, info

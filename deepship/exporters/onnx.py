@@ -125,6 +125,33 @@ def _clear_rnn_dispatch_caches() -> None:
             cache.clear()
 
 
+#: the oldest default-domain opset the dynamo exporter writes reliably: it implements 18 and converts
+#: down with ONNX's version converter, which fails for common ops (Gemm, LSTM) below 17
+MIN_OPSET = 17
+
+
+def check_opset(opset: int) -> int:
+    """``opset`` if it is one the exporter can write (:data:`MIN_OPSET` up to this onnx's newest).
+
+    Raises:
+        ExportError: an opset outside that range, with the range.
+    """
+    import onnx.defs
+
+    top = onnx.defs.onnx_opset_version()
+    if int(opset) != opset or not MIN_OPSET <= opset <= top:
+        raise ExportError(f"opset {opset} is not one the exporter can write (torch {_torch_version()}, onnx {onnx.__version__}); "
+                          f"use --opset {MIN_OPSET} to {top} "
+                          f"(default {DEFAULT_OPSET})")
+    return int(opset)
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__.split("+")[0]
+
+
 def check_runs(model: Any, args: tuple, spec: ModelSpec) -> None:
     """Run ``model`` once eagerly at the example inputs, so a model that cannot take them (a wrong
     ``--input`` shape, a missing input) fails with its own error instead of the exporter's.
@@ -155,17 +182,24 @@ def _torch_log_captured():
     buf = io.StringIO()
     handler = logging.StreamHandler(buf)
     lg = logging.getLogger("torch")
-    saved = (list(lg.handlers), lg.propagate, lg.level)
-    if not os.environ.get("DEEPSHIP_VERBOSE"):
-        lg.handlers, lg.propagate = [], False
+    verbose = bool(os.environ.get("DEEPSHIP_VERBOSE"))
+    # torch gives several of its loggers their own stderr handler: silence them all for the export
+    named = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)
+             if n == "torch" or n.startswith("torch.")]
+    saved = [(x, list(x.handlers), x.propagate, x.level) for x in named]
+    if not verbose:
+        for x in named:
+            x.handlers = []
+        lg.propagate = False
         lg.setLevel(logging.WARNING)
     lg.addHandler(handler)
     try:
         yield buf
     finally:
         lg.removeHandler(handler)
-        lg.handlers, lg.propagate = saved[0], saved[1]
-        lg.setLevel(saved[2])
+        for x, h, prop, lvl in saved:
+            x.handlers, x.propagate = h, prop
+            x.setLevel(lvl)
 
 
 def export_onnx(model: Any, spec: ModelSpec, out_path: str | Path, opset: int = DEFAULT_OPSET) -> ExportResult:
@@ -188,6 +222,7 @@ def export_onnx(model: Any, spec: ModelSpec, out_path: str | Path, opset: int = 
     import torch
 
     out_path = Path(out_path)
+    check_opset(opset)
     model = eval_mode(model)
     ex = spec.example_inputs()
     args = tuple(torch.from_numpy(ex[t.name]) for t in spec.inputs)
@@ -210,6 +245,10 @@ def export_onnx(model: Any, spec: ModelSpec, out_path: str | Path, opset: int = 
         except Exception as e:
             raise ExportError(_explain_export_failure(e, log.getvalue())) from None
         mp = onnx.load(str(raw))
+        wrote = next((o.version for o in mp.opset_import if o.domain in ("", "ai.onnx")), None)
+        if wrote != opset:
+            raise ExportError(f"the exporter cannot write opset {opset} for this model (it wrote {wrote}: its "
+                              f"version converter failed); use --opset {wrote} or a newer one")
         fixed = _fixed_dims(mp, spec.inputs)
         if fixed:
             raise ExportError(

@@ -99,6 +99,8 @@ def read_npz(path: str | Path, spec: ModelSpec, role: str, need_targets: bool = 
     inputs = {}
     for t in spec.inputs:
         a = arrays[used[t.name]]
+        if a.ndim == 0:
+            raise DataError(f"{role} file {p}, array '{used[t.name]}' is a single value; give one row per sample")
         want = np.dtype(t.dtype)
         if a.dtype != want and (a.dtype.type, want.type) in _CASTS:
             a = a.astype(want)
@@ -109,6 +111,8 @@ def read_npz(path: str | Path, spec: ModelSpec, role: str, need_targets: bool = 
         _finite(used[t.name], p, a)
         inputs[t.name] = np.ascontiguousarray(a)
     targets = arrays[tkey] if tkey else None
+    if targets is not None and targets.ndim == 0:
+        raise DataError(f"{role} file {p}, array '{tkey}' is a single value; give one target per sample")
     if targets is not None:
         _finite(tkey, p, targets)
         used["targets"] = tkey

@@ -19,7 +19,7 @@ from ..models.spec import SECOND_DIM_SIZES, ModelSpec
 from ..models.train import build_model, eval_mode, load_weights, recipe_hash, save_weights, trained_model
 from ..models.user import load_pt2_module
 from ..runtimes.session import TorchSession
-from ..utils import atomic_dir, sha256_file
+from ..utils import atomic_dir, cache_root, sha256_file, sweep_stale_temp
 from .adapters import adapter_for
 from .stages import get_stage
 from .variants import (Variant, artifact_dir, baseline_key, library_versions, load_cached, open_variant_session,
@@ -47,6 +47,7 @@ class ModelContext:
         self._dataset = None
         self._variants: dict[str, Variant] = {}
         self._identity: str | None = None
+        self._swept = False
         self._data_key: str | None = None
         self.weights_info: dict[str, Any] = {}
 
@@ -139,6 +140,7 @@ class ModelContext:
             v = load_cached(self.spec.name, "fp32-torch", key)
             if v is None:
                 module = self.module()
+                self._sweep_once()
                 v = Variant(self.spec.name, "fp32-torch", None, "baseline", "", {}, "torch", "fp32", key,
                             files=["weights.safetensors"], runtime="torch")
                 with atomic_dir(artifact_dir(self.spec.name, v.name, key)) as d:
@@ -155,6 +157,13 @@ class ModelContext:
         self._variants["baseline"] = v
         self._variants[v.name] = v
         return v
+
+    def _sweep_once(self) -> None:
+        """Remove the temporary folders that builds of this model killed earlier left (their process
+        is gone), once per context, before it writes to the cache."""
+        if not self._swept:
+            sweep_stale_temp(cache_root() / "artifacts" / self.spec.name)
+            self._swept = True
 
     def _param_count(self) -> int:
         try:
@@ -206,6 +215,7 @@ class ModelContext:
         if impl.consumes != par.format:
             raise StageError(f"{stage} {method} consumes a {impl.consumes} model but '{par.name}' is {par.format}; "
                              + ("export to ONNX first" if impl.consumes == "onnx" else "start from the torch model"))
+        self._sweep_once()
         data = [self.data_key(), int(params.get("samples", CALIBRATION_SAMPLES))] if impl.uses_data else None
         key = variant_key(par.key, stage, method, params, data, library_versions())
         v = load_cached(self.spec.name, name, key)

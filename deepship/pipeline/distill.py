@@ -310,23 +310,30 @@ def _distill_stage(ctx: ModelContext, parent: Variant, params: dict, out: Path):
                    "method_source": "Hinton, Vinyals, Dean 2015, Distilling the Knowledge in a Neural Network"}
 
 
-def _teacher_arch(ctx: ModelContext, parent: Variant) -> dict | None:
+def _teacher_arch(ctx: ModelContext, parent: Variant | None) -> dict | None:
     if ctx.spec.source != "zoo":
         return None
-    return parent.info.get("arch") or (ctx.spec.recipe or {}).get("arch")
+    return (parent.info.get("arch") if parent is not None else None) or (ctx.spec.recipe or {}).get("arch")
 
 
-def resolve_params(ctx: ModelContext, parent: Variant, student: str | None, temperature: float, alpha: float,
+def resolve_params(ctx: ModelContext, parent: Variant | None, student: str | None, temperature: float, alpha: float,
                    epochs: int | None = None, seed: int | None = None) -> dict:
     """Stage parameters with the student SPEC resolved to an architecture (so the cache key is exact).
+    ``parent`` ``None`` is the baseline (nothing is built to resolve them).
 
     Raises:
-        StageError: a SPEC that does not parse or does not fit the teacher (see :func:`parse_student`).
+        StageError: a SPEC that does not parse or does not fit the teacher (see :func:`parse_student`),
+            a temperature that is not positive, alpha outside [0, 1], epochs below 1.
     """
     check_distillable(ctx)
+    if not float(temperature) > 0 or not 0.0 <= float(alpha) <= 1.0:
+        raise StageError(f"--temperature {temperature} must be > 0 and --alpha {alpha} in [0, 1]")
+    if epochs is not None and int(epochs) < 1:
+        raise StageError(f"--epochs {epochs} must be a positive integer")
     # the teacher's class and arch are all parse_student needs: an untrained baseline avoids loading weights
-    teacher = ctx.fresh_module() if parent.stage == "baseline" else ctx.torch_session(parent).module
-    p: dict[str, Any] = {**parse_student(student, teacher, _teacher_arch(ctx, parent)),
+    base = parent is None or parent.stage == "baseline"
+    teacher = ctx.fresh_module() if base else ctx.torch_session(parent).module
+    p: dict[str, Any] = {**parse_student(student, teacher, _teacher_arch(ctx, None if base else parent)),
                          "temperature": float(temperature), "alpha": float(alpha)}
     p["epochs"] = int(epochs) if epochs is not None else \
         int((ctx.spec.recipe or {}).get("epochs", 30)) * DEFAULT_EPOCH_FACTOR

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..errors import StageError
-from ..exporters.onnx import DEFAULT_OPSET, check_runs, export_onnx
+from ..exporters.onnx import DEFAULT_OPSET, check_opset, check_runs, export_onnx
 from .context import ModelContext
 from .parity import parity
 from .stages import register_stage
@@ -39,6 +39,8 @@ def export_variant(ctx: ModelContext, opset: int | None = None) -> Variant:
     """
     if not ctx.has_torch:
         raise StageError(f"model '{ctx.spec.name}' is already ONNX; nothing to export")
+    if opset is not None:
+        check_opset(opset)
     # before the baseline is cached: a model that cannot run its example inputs leaves nothing behind
     ex = ctx.spec.example_inputs()
     check_runs(ctx.module(), tuple(torch.from_numpy(ex[t.name]) for t in ctx.spec.inputs), ctx.spec)

@@ -17,7 +17,8 @@ from ..runtimes.benchmark import measure
 from ..runtimes.engines import get_backend
 from . import distill as D
 from . import prune as P
-from ..utils import check_writable, default_threads, first_line, machine_info, write_json_atomic, write_text_atomic
+from ..utils import (check_writable, default_threads, first_line, machine_info, sweep_stale_temp, write_json_atomic,
+                     write_text_atomic)
 from .context import ModelContext
 from .evaluate import bench_feeds, evaluate
 from .quantize import describe_nodes
@@ -222,6 +223,7 @@ def run_report(specs: Sequence[ModelSpec], out_dir: str | Path = "report", metho
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     out = check_writable(out_dir)  # created when the report is written: a failed run leaves no folder
+    sweep_stale_temp(out)  # a report write killed half-way
     for m in methods or ():
         if m not in QUANT_METHODS:
             raise StageError(f"unknown quantize method '{m}'; use one of {', '.join(QUANT_METHODS)}")

@@ -148,10 +148,11 @@ def check_prompt(prompt: np.ndarray | Sequence[int], layout: KVLayout) -> np.nda
     return ids
 
 
-def check_max_new_tokens(max_new_tokens: int) -> None:
-    """Raise :class:`InputSpecError` unless the token limit is at least 1."""
-    if max_new_tokens < 1:
-        raise InputSpecError(f"--max-new-tokens {max_new_tokens} must be >= 1")
+def check_max_new_tokens(max_new_tokens: int, name: str = "--max-new-tokens") -> None:
+    """Raise :class:`InputSpecError` unless the token limit is an integer of at least 1; ``name`` is
+    what the caller calls it (the CLI flag, or ``max_tokens`` in a generate request)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise InputSpecError(f"{name} {max_new_tokens!r} must be an integer >= 1")
 
 
 def generate(runner: KVRunner, prompt: np.ndarray | Sequence[int], max_new_tokens: int = 64,
@@ -177,7 +178,7 @@ def generate(runner: KVRunner, prompt: np.ndarray | Sequence[int], max_new_token
     """
     L = runner.layout
     ids = check_prompt(prompt, L)
-    check_max_new_tokens(max_new_tokens)
+    check_max_new_tokens(max_new_tokens, "max_new_tokens")
     sampling.check(L.vocab_size)
     rng = np.random.default_rng(sampling.seed)
     b, plen = ids.shape
@@ -262,7 +263,7 @@ def speculative_generate(target: KVRunner, draft: KVRunner, prompt: np.ndarray |
         raise InputSpecError(f"speculative decoding runs one prompt at a time; got a batch of {ids.shape[0]}")
     if ids.shape[1] >= D.context:
         raise InputSpecError(f"the prompt has {ids.shape[1]} tokens but the draft's context is {D.context}")
-    check_max_new_tokens(max_new_tokens)
+    check_max_new_tokens(max_new_tokens, "max_new_tokens")
     sampling.check(T.vocab_size)
     rng = np.random.default_rng(sampling.seed)
     context = min(T.context, D.context)

@@ -34,12 +34,16 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
+from urllib.parse import unquote
 
 import orjson
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
+from ..utils import first_line
 from . import asr as _asr  # noqa: F401  (the built-in extensions register on import)
 from . import generate as _generate  # noqa: F401
 from .batcher import BatcherConfig, DynamicBatcher
@@ -51,7 +55,7 @@ from .repository import ModelRepository, ServedModel, valid_name
 
 SERVER_NAME = "deepship"
 #: Protocol extensions every deepship server speaks (``GET /v2``); registered extensions add theirs.
-BASE_EXTENSIONS = ["binary_tensor_data", "model_configuration", "model_repository"]
+BASE_EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "model_repository", "statistics"]
 
 
 @dataclass
@@ -160,10 +164,11 @@ class InferenceServer:
         Never raises: a failure inside the runtime is a 500 for this request only.
         """
         t0 = time.perf_counter()
-        label, status = "unknown", 500
+        label, status, samples = "unknown", 500, 0
+        if valid_name(name) and self.repository.get(name) is not None:
+            label = name  # an unknown version of a served model counts under that model
         try:
             model = self.model(name, version)
-            label = model.name
             batcher = self.batchers[model.name]
             batcher.admit()  # shed overload before reading and decoding the body
             body = await self.read_body(headers, receive)
@@ -172,7 +177,7 @@ class InferenceServer:
             outs = await batcher.submit(
                 req.inputs, req.batch, None if req.timeout_us is None else req.timeout_us / 1e6)
             payload, hlen = encode_infer_response(model.name, req, outs, model.output_names)
-            status = 200
+            status, samples = 200, req.batch
             if hlen is None:
                 return 200, [(b"content-type", b"application/json")], payload
             return 200, [(b"content-type", b"application/octet-stream"),
@@ -186,11 +191,14 @@ class InferenceServer:
             return 500, [(b"content-type", b"application/json")], orjson.dumps(
                 {"error": f"internal error: {type(e).__name__}: {str(e)[:160]}"})
         finally:
-            self.metrics.request(label, status, time.perf_counter() - t0)
+            self.metrics.request(label, status, time.perf_counter() - t0, samples)
 
 
-#: ``/v2/models/{name}[/versions/{version}]/infer`` (name and version: anything but ``/``).
-INFER_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer$")
+#: ``/v2/models/{name}[/versions/{version}]/infer`` (name and version: anything but ``/``), matched on
+#: the raw (still percent-encoded) path, so ``..%2Fetc`` is a name (then refused as invalid), not a path
+INFER_PATH = re.compile(rb"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer$")
+#: any ``/v2/models/{name}/...`` path, raw, for the errors of routes that did not match
+MODEL_PATH = re.compile(rb"^/v2/models/(?P<name>[^/]+)(?:/|$)")
 
 
 class InferMiddleware:
@@ -203,10 +211,11 @@ class InferMiddleware:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["method"] == "POST":
-            m = INFER_PATH.match(scope["path"])
+            m = INFER_PATH.match(scope.get("raw_path") or scope["path"].encode())
             if m is not None:
-                status, headers, body = await self.server.infer(m["name"], m["version"], dict(scope["headers"]),
-                                                                receive)
+                version = unquote(m["version"].decode("latin-1")) if m["version"] else None
+                status, headers, body = await self.server.infer(unquote(m["name"].decode("latin-1")), version,
+                                                                dict(scope["headers"]), receive)
                 headers.append((b"content-length", str(len(body)).encode()))
                 await send({"type": "http.response.start", "status": status, "headers": headers})
                 await send({"type": "http.response.body", "body": body})
@@ -245,6 +254,28 @@ def create_app(server: InferenceServer) -> "InferMiddleware":
 
     app.add_exception_handler(RequestError, on_request_error)
 
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        # every non-2xx answer carries {"error": ...}, as the protocol (and tritonclient) expect
+        raw = request.scope.get("raw_path") or request.url.path.encode()
+        m = MODEL_PATH.match(raw)
+        if m is not None and not valid_name(unquote(m["name"].decode("latin-1"))):
+            return error_response(RequestError(f"invalid model name '{unquote(m['name'].decode('latin-1'))[:64]}'; "
+                                               "names use letters, digits, '.', '_' and '-'", 400))
+        if exc.status_code == 404:
+            msg = (f"no endpoint {request.method} {request.url.path}; deepship serves the Open Inference Protocol "
+                   "(KServe v2) under /v2: see GET /v2 for its extensions")
+        elif exc.status_code == 405:
+            msg = f"{request.method} is not allowed on {request.url.path}"
+        else:
+            msg = str(exc.detail)
+        return error_response(RequestError(msg, exc.status_code))
+
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> Response:
+        return error_response(RequestError(f"bad request to {request.url.path}: {first_line(str(exc), 160)}", 400))
+
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+
     @app.get("/v2/health/live")
     async def live():
         return Response(status_code=200)
@@ -266,6 +297,10 @@ def create_app(server: InferenceServer) -> "InferMiddleware":
     async def metrics():
         return Response(server.metrics.render(), 200, media_type=server.metrics.content_type)
 
+    @app.get("/v2/models/stats")
+    async def all_stats():
+        return server.metrics.model_stats(server.repository.names())
+
     for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
         async def metadata(name: str, version: str | None = None):
             return model_metadata(server.model(name, version))
@@ -277,9 +312,37 @@ def create_app(server: InferenceServer) -> "InferMiddleware":
         async def config(name: str, version: str | None = None):
             return model_config(server.model(name, version), server.config.batching.to_dict())
 
+        async def stats(name: str, version: str | None = None):
+            return server.metrics.model_stats([server.model(name, version).name])
+
         app.get(prefix)(metadata)
         app.get(prefix + "/ready")(model_ready)
         app.get(prefix + "/config")(config)
+        app.get(prefix + "/stats")(stats)
+
+    def unsupported(what: str, why: str):
+        async def answer(request: Request):
+            raise RequestError(f"{what} is not supported by deepship: {why}", 400)
+        return answer
+
+    fixed = "the repository is fixed when the server starts (optimize serve ARGS); restart it to change models"
+    for path, what, why in [
+            ("/v2/repository/models/{name}/load", "model load", fixed),
+            ("/v2/repository/models/{name}/unload", "model unload", fixed),
+            ("/v2/trace/setting", "trace settings", "use /metrics and the statistics extension"),
+            ("/v2/models/{name}/trace/setting", "trace settings", "use /metrics and the statistics extension"),
+            ("/v2/logging", "log settings", "the server logs to stderr at a fixed level"),
+            ("/v2/systemsharedmemory/status", "system shared memory", "send tensors in the request body"),
+            ("/v2/systemsharedmemory/region/{region}/status", "system shared memory", "send tensors in the request body"),
+            ("/v2/systemsharedmemory/region/{region}/register", "system shared memory", "send tensors in the request body"),
+            ("/v2/systemsharedmemory/region/{region}/unregister", "system shared memory", "send tensors in the request body"),
+            ("/v2/systemsharedmemory/unregister", "system shared memory", "send tensors in the request body"),
+            ("/v2/cudasharedmemory/status", "CUDA shared memory", "send tensors in the request body"),
+            ("/v2/cudasharedmemory/region/{region}/status", "CUDA shared memory", "send tensors in the request body"),
+            ("/v2/cudasharedmemory/region/{region}/register", "CUDA shared memory", "send tensors in the request body"),
+            ("/v2/cudasharedmemory/region/{region}/unregister", "CUDA shared memory", "send tensors in the request body"),
+            ("/v2/cudasharedmemory/unregister", "CUDA shared memory", "send tensors in the request body")]:
+        app.api_route(path, methods=["GET", "POST"])(unsupported(what, why))
 
     for ext in extensions().values():
         if any(ext.applies(m) for m in server.repository.models.values()):

@@ -170,7 +170,7 @@ class GenerateExtension:
             # the checks the loop makes first (prompt, limits, sampling), before any event is sent
             try:
                 check_prompt(ids, d.layout)
-                check_max_new_tokens(max_tokens)
+                check_max_new_tokens(max_tokens, "max_tokens")
                 sampling.check(d.layout.vocab_size)
             except DeepshipError as e:
                 raise RequestError(str(e), 400) from None

@@ -10,13 +10,22 @@
 | ``deepship_queue_depth`` | gauge | model | requests waiting in the queue now |
 | ``deepship_model_ready`` | gauge | model | 1 when the model is loaded and warm |
 
+Triton's standard names are exported too, labelled ``model`` and ``version``, so dashboards built for
+Triton work unchanged: ``nv_inference_request_success``, ``nv_inference_request_failure``,
+``nv_inference_count`` (samples inferred), ``nv_inference_exec_count`` (batches executed), and the
+cumulative microseconds ``nv_inference_request_duration_us``, ``nv_inference_queue_duration_us``,
+``nv_inference_compute_infer_duration_us``. The same counts back the statistics extension
+(``GET /v2/models[/{name}]/stats``, :meth:`ServingMetrics.model_stats`).
+
 Each server owns its own :class:`prometheus_client.CollectorRegistry`, so several servers (tests)
 live in one process. Requests naming an unknown or invalid model are counted under
-``model="unknown"``: labels never take values from the client.
+``model="unknown"`` (an unknown *version* of a served model counts under that model): labels never
+take values from the client.
 """
 from __future__ import annotations
 
-from typing import Iterable
+import time
+from typing import Any, Iterable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -53,6 +62,7 @@ class ServingMetrics:
                                         "/generate_stream.", ["model"], registry=r)
         self.ready = Gauge("deepship_model_ready", "1 when the model is loaded and warm.", ["model"], registry=r)
         self._children: dict[tuple[str, str], object] = {}
+        self.stats: dict[str, dict[str, Any]] = {m: _empty_stats() for m in models}
         for m in models:
             self.ready.labels(m).set(1)
             self.queue_depth.labels(m).set(0)
@@ -67,10 +77,19 @@ class ServingMetrics:
             c = self._children[k] = metric.labels(*key)
         return c
 
-    def request(self, model: str, status: int, seconds: float) -> None:
-        """Count one answered request and observe its latency (seconds)."""
+    def request(self, model: str, status: int, seconds: float, samples: int = 0) -> None:
+        """Count one answered request (``samples`` inferred when it succeeded) and observe its latency (seconds)."""
         self._child(self.requests, (model, str(status))).inc()
         self._child(self.latency, (model,)).observe(seconds)
+        st = self.stats.get(model)
+        if st is not None:
+            ns = int(seconds * 1e9)
+            key = "success" if 200 <= status < 300 else "fail"
+            st[key]["count"] += 1
+            st[key]["ns"] += ns
+            if key == "success":
+                st["inference_count"] += int(samples)
+                st["last_inference"] = int(time.time() * 1000)
 
     def observer(self, model: str):
         """An ``observe(event, **values)`` callback for :class:`~deepship.serving.batcher.DynamicBatcher`."""
@@ -79,17 +98,75 @@ class ServingMetrics:
         comp = self._child(self.compute, (model,))
         qt = self._child(self.queue_time, (model,))
 
+        st = self.stats.setdefault(model, _empty_stats())
+
         def observe(event: str, **kw) -> None:
             if event == "depth":
                 depth.set(kw["depth"])
             elif event == "batch":
                 bs.observe(kw["size"])
                 comp.observe(kw["compute_s"])
+                ns = int(kw["compute_s"] * 1e9)
+                st["execution_count"] += 1
+                st["compute_infer"]["count"] += 1
+                st["compute_infer"]["ns"] += ns
+                b = st["batch"].setdefault(int(kw["size"]), {"count": 0, "ns": 0})
+                b["count"] += 1
+                b["ns"] += ns
             elif event == "queue":
                 qt.observe(kw["wait_s"])
+                st["queue"]["count"] += 1
+                st["queue"]["ns"] += int(kw["wait_s"] * 1e9)
 
         return observe
 
+    def model_stats(self, names: Iterable[str]) -> dict[str, Any]:
+        """Triton's statistics extension body for ``names``: ``{"model_stats": [{"name", "version",
+        "last_inference" (ms since the epoch), "inference_count", "execution_count", "inference_stats":
+        {success, fail, queue, compute_input, compute_infer, compute_output, cache_hit, cache_miss:
+        {"count", "ns"}}, "batch_stats": [{"batch_size", "compute_infer": {"count", "ns"}, ...}]}]}``."""
+        zero = {"count": 0, "ns": 0}
+        out = []
+        for n in names:
+            st = self.stats.get(n) or _empty_stats()
+            out.append({"name": n, "version": "1", "last_inference": st["last_inference"],
+                        "inference_count": st["inference_count"], "execution_count": st["execution_count"],
+                        "inference_stats": {"success": dict(st["success"]), "fail": dict(st["fail"]),
+                                            "queue": dict(st["queue"]), "compute_input": dict(zero),
+                                            "compute_infer": dict(st["compute_infer"]), "compute_output": dict(zero),
+                                            "cache_hit": dict(zero), "cache_miss": dict(zero)},
+                        "batch_stats": [{"batch_size": b, "compute_input": dict(zero), "compute_infer": dict(v),
+                                         "compute_output": dict(zero)} for b, v in sorted(st["batch"].items())]})
+        return {"model_stats": out}
+
+    def _triton_text(self) -> str:
+        rows = [("nv_inference_request_success", "Number of successful inference requests, all batch sizes",
+                 lambda s: s["success"]["count"]),
+                ("nv_inference_request_failure", "Number of failed inference requests, all batch sizes",
+                 lambda s: s["fail"]["count"]),
+                ("nv_inference_count", "Number of inferences performed (does not include cached requests)",
+                 lambda s: s["inference_count"]),
+                ("nv_inference_exec_count", "Number of model executions performed (does not include cached requests)",
+                 lambda s: s["execution_count"]),
+                ("nv_inference_request_duration_us", "Cumulative inference request duration in microseconds",
+                 lambda s: (s["success"]["ns"] + s["fail"]["ns"]) // 1000),
+                ("nv_inference_queue_duration_us", "Cumulative inference queuing duration in microseconds",
+                 lambda s: s["queue"]["ns"] // 1000),
+                ("nv_inference_compute_infer_duration_us", "Cumulative compute inference duration in microseconds",
+                 lambda s: s["compute_infer"]["ns"] // 1000)]
+        lines = []
+        for name, doc, fn in rows:
+            lines += [f"# HELP {name} {doc}", f"# TYPE {name} counter"]
+            lines += [f'{name}{{model="{m}",version="1"}} {fn(st)}' for m, st in sorted(self.stats.items())
+                      if m != "unknown"]
+        return "\n".join(lines) + "\n"
+
     def render(self) -> bytes:
-        """The Prometheus text exposition of every metric."""
-        return generate_latest(self.registry)
+        """The Prometheus text exposition of every metric (deepship's, then Triton's names)."""
+        return generate_latest(self.registry) + self._triton_text().encode()
+
+
+def _empty_stats() -> dict[str, Any]:
+    return {"success": {"count": 0, "ns": 0}, "fail": {"count": 0, "ns": 0}, "queue": {"count": 0, "ns": 0},
+            "compute_infer": {"count": 0, "ns": 0}, "inference_count": 0, "execution_count": 0, "last_inference": 0,
+            "batch": {}}

@@ -88,6 +88,9 @@ class InferRequest:
         inputs: input name -> numpy array (validated against the model's signature).
         batch: samples in the request (size of axis 0; 1 for a model without a batch axis).
         outputs: requested outputs as ``(name, binary)``; empty means every output.
+        classification: output name -> ``k`` for outputs asked for with ``"parameters":
+            {"classification": k}`` (tritonclient's ``class_count``): answered as the top ``k`` of each
+            row, ``BYTES`` strings ``"score:index"`` (Triton's classification extension).
         binary_output: the request-level ``binary_data_output`` parameter.
         id: the request ``id`` echoed in the response (``None`` if not given).
         timeout_us: the request's ``timeout`` parameter in microseconds (``None`` if not given).
@@ -99,6 +102,7 @@ class InferRequest:
     binary_output: bool = False
     id: str | None = None
     timeout_us: float | None = None
+    classification: dict[str, int] = field(default_factory=dict)
 
 
 def _bad(msg: str) -> RequestError:
@@ -233,19 +237,50 @@ def decode_infer_request(body: bytes, header_length: str | None, signature: Any)
             raise _bad(f"batch {batch} exceeds model '{sig.name}' max_batch_size {sig.max_batch_size}; "
                        "split the request")
     outputs: list[tuple[str, bool]] = []
+    classification: dict[str, int] = {}
     for o in req.get("outputs") or ():
         if not isinstance(o, dict) or o.get("name") not in sig.outputs:
             n = o.get("name") if isinstance(o, dict) else o
             raise _bad(f"model '{sig.name}' has no output '{str(n)[:64]}'; its outputs are "
                        f"{', '.join(sorted(sig.outputs))}")
         op = o.get("parameters") or {}
-        outputs.append((o["name"], bool(op.get("binary_data", False)) if isinstance(op, dict) else False))
+        if not isinstance(op, dict):
+            raise _bad(f"output '{o['name']}': 'parameters' must be a JSON object")
+        k = op.get("classification")
+        if k is not None:
+            if type(k) is not int or k < 1:
+                raise _bad(f"output '{o['name']}': parameters.classification (class_count) must be a positive integer")
+            classification[o["name"]] = k
+        outputs.append((o["name"], bool(op.get("binary_data", False))))
     timeout = params.get("timeout")
     if timeout is not None and (type(timeout) not in (int, float) or timeout <= 0):
         raise _bad("parameters.timeout must be a positive number of microseconds")
     rid = req.get("id")
     return InferRequest(arrays, batch, outputs, bool(params.get("binary_data_output", False)),
-                        None if rid is None else str(rid), timeout)
+                        None if rid is None else str(rid), timeout, classification)
+
+
+def classify(a: np.ndarray, k: int, batched: bool = True) -> np.ndarray:
+    """Triton's classification extension: the top ``k`` entries of each sample's scores (all axes but
+    the batch axis flattened), as ``"score:index"`` byte strings, shape ``(batch, k)`` (``(k,)``
+    without a batch axis), best first.
+
+    Raises:
+        RequestError: a non-numeric output.
+    """
+    a = np.asarray(a)
+    if not np.issubdtype(a.dtype, np.number):
+        raise _bad(f"classification needs a numeric output; this one is {a.dtype}")
+    rows = a.reshape(len(a), -1) if batched and a.ndim else a.reshape(1, -1)
+    k = min(k, rows.shape[1])
+    idx = np.argsort(-rows, axis=1, kind="stable")[:, :k]
+    out = np.array([[f"{float(r[j]):f}:{int(j)}".encode() for j in row] for r, row in zip(rows, idx)], dtype=object)
+    return out if batched and a.ndim else out[0]
+
+
+def _bytes_blob(a: np.ndarray) -> bytes:
+    """BYTES tensor in the binary extension's layout: each element a 4-byte little-endian length, then its bytes."""
+    return b"".join(len(x).to_bytes(4, "little") + x for x in a.ravel())
 
 
 def encode_infer_response(model_name: str, request: InferRequest, outputs: Mapping[str, np.ndarray],
@@ -270,8 +305,18 @@ def encode_infer_response(model_name: str, request: InferRequest, outputs: Mappi
     blobs: list[bytes] = []
     for name, binary in wanted:
         a = np.asarray(outputs[name])
-        t: dict[str, Any] = {"name": name, "datatype": NUMPY_TO_V2.get(a.dtype.name) or v2_datatype(a.dtype),
-                             "shape": list(a.shape)}
+        if name in request.classification:
+            a = classify(a, request.classification[name])
+            t: dict[str, Any] = {"name": name, "datatype": "BYTES", "shape": list(a.shape)}
+            if binary or request.binary_output:
+                b = _bytes_blob(a)
+                t["parameters"] = {"binary_data_size": len(b)}
+                blobs.append(b)
+            else:
+                t["data"] = [x.decode() for x in a.ravel()]
+            tensors.append(t)
+            continue
+        t = {"name": name, "datatype": NUMPY_TO_V2.get(a.dtype.name) or v2_datatype(a.dtype), "shape": list(a.shape)}
         if binary or request.binary_output:
             b = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).tobytes()
             t["parameters"] = {"binary_data_size": len(b)}

@@ -136,6 +136,8 @@ def sources_from_report(report_path: str | os.PathLike, variants: Sequence[str] 
         ServingError: a ``variants``/``models`` filter that matches nothing in the report.
     """
     p = Path(report_path)
+    if not p.is_file():
+        raise ArtifactError(f"report {p} not found; give a report.json written by optimize report, or model files")
     try:
         rep = json.loads(p.read_text())
         mods = rep["models"]
