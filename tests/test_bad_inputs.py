@@ -5,7 +5,6 @@ parsing and of the .npz / ONNX / TOML readers."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
