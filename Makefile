@@ -20,15 +20,17 @@ $(STAMP): pyproject.toml
 .PHONY: install sysdeps report test clean
 install: sysdeps $(STAMP)
 
-# espeak-ng (Debian) synthesizes the speech the ASR model trains and is evaluated on; installed as root
-# or with sudo; without it the ASR data tests skip with the reason and the asr model cannot build data
+# Debian packages, installed as root or with sudo: espeak-ng synthesizes the speech the ASR model trains
+# and is evaluated on; chromium renders report.html in the browser test (playwright drives it, never
+# downloads a browser). Without them those tests skip with the reason.
+SYSDEPS ?= espeak-ng chromium
 sysdeps:
-	@command -v espeak-ng >/dev/null 2>&1 || { \
+	@for pkg in $(SYSDEPS); do command -v $$pkg >/dev/null 2>&1 && continue; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null 2>&1; then SUDO="sudo -n"; else SUDO=none; fi; \
 	  if [ "$$SUDO" = none ] || ! command -v apt-get >/dev/null 2>&1; then \
-	    echo "WARNING: cannot install espeak-ng here (needs apt-get as root); ASR data tests will skip"; \
-	  else $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q espeak-ng >/dev/null 2>&1 || { $$SUDO apt-get update -q >/dev/null 2>&1 && \
-	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q espeak-ng >/dev/null 2>&1; } || echo "WARNING: apt-get install espeak-ng failed; ASR data tests will skip"; fi; }
+	    echo "WARNING: cannot install $$pkg here (needs apt-get as root); the tests that need it will skip"; \
+	  else $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$pkg >/dev/null 2>&1 || { $$SUDO apt-get update -q >/dev/null 2>&1 && \
+	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$pkg >/dev/null 2>&1; } || echo "WARNING: apt-get install $$pkg failed; the tests that need it will skip"; fi; done
 
 report: sysdeps $(STAMP)
 	$(VENV)/bin/optimize report --out report

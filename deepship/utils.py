@@ -10,7 +10,7 @@ import platform
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .errors import ArtifactError, OutputPathError
 
@@ -71,8 +71,23 @@ def check_writable(path: str | os.PathLike) -> Path:
     return p
 
 
-#: temporary files and folders of atomic writes: ``.tmp-<name>-<pid>-<random>``
+#: temporary files and folders of atomic writes: ``.tmp-<name>-<pid>@<host>-<random>``
 TMP_PREFIX = ".tmp-"
+
+#: a temporary folder another machine owns (a cache shared between Ray nodes) is swept after this long
+REMOTE_TEMP_AGE_S = 24 * 3600.0
+
+
+def _host() -> str:
+    import re
+    import socket
+
+    return re.sub(r"[^A-Za-z0-9.]", ".", socket.gethostname()) or "localhost"
+
+
+def _owner() -> str:
+    """``<pid>@<host>``: who owns a temporary file (its pid means nothing on another node)."""
+    return f"{os.getpid()}@{_host()}"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -87,8 +102,9 @@ def _pid_alive(pid: int) -> bool:
 
 def sweep_stale_temp(root: str | os.PathLike, min_age_s: float = 60.0) -> list[Path]:
     """Remove temporary files and folders of atomic writes below ``root`` that no live process owns (a
-    build killed with ``kill -9`` leaves them): the owner's pid is in the name; names without one are
-    removed once older than ``min_age_s`` seconds.
+    build killed with ``kill -9`` leaves them): the owner's pid and host are in the name; a temporary
+    of another host (a shared cache) is removed once older than :data:`REMOTE_TEMP_AGE_S`, names
+    without an owner once older than ``min_age_s`` seconds.
 
     Returns:
         the paths removed.
@@ -100,10 +116,16 @@ def sweep_stale_temp(root: str | os.PathLike, min_age_s: float = 60.0) -> list[P
     if not root.is_dir():
         return []
     removed = []
+    here = _host()
     for p in root.rglob(f"{TMP_PREFIX}*"):
-        m = re.match(rf"^{re.escape(TMP_PREFIX)}.*-(\d+)-[^-]+$", p.name)
+        m = re.match(rf"^{re.escape(TMP_PREFIX)}.*-(\d+)(?:@([^-]+))?-[^-]+$", p.name)
         try:
-            stale = (not _pid_alive(int(m.group(1)))) if m else time.time() - p.stat().st_mtime > min_age_s
+            if m is None:
+                stale = time.time() - p.stat().st_mtime > min_age_s
+            elif m.group(2) not in (None, here):
+                stale = time.time() - p.stat().st_mtime > REMOTE_TEMP_AGE_S
+            else:
+                stale = not _pid_alive(int(m.group(1)))
         except (OSError, ValueError):
             continue
         if stale:
@@ -113,20 +135,37 @@ def sweep_stale_temp(root: str | os.PathLike, min_age_s: float = 60.0) -> list[P
 
 
 @contextlib.contextmanager
-def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(dest: str | os.PathLike, keep_existing: Callable[[Path], bool] | None = None) -> Iterator[Path]:
     """Yield a temporary folder beside ``dest``; on success replace ``dest`` with it, else delete it.
 
-    Readers never see a half-written artifact: the rename is atomic on one filesystem.
+    Readers never see a half-written artifact: the rename is atomic on one filesystem. With
+    ``keep_existing``, a ``dest`` that another process finished meanwhile (a shared cache: two Ray
+    workers building the same content-addressed variant) is kept when ``keep_existing(dest)`` is
+    true, and this build is dropped; otherwise the old ``dest`` is moved aside and removed.
     """
     dest = Path(dest)
     ensure_dir(dest.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{dest.name}-{os.getpid()}-", dir=dest.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{dest.name}-{_owner()}-", dir=dest.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
+        if dest.exists() and keep_existing is not None and keep_existing(dest):
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
         if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
+            old = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{dest.name}-{_owner()}-", dir=dest.parent))
+            try:
+                os.replace(dest, old)  # aside, atomically: readers see the old or the new folder
+            except FileNotFoundError:
+                pass
+            shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.replace(tmp, dest)
+        except OSError:
+            if keep_existing is not None and dest.exists() and keep_existing(dest):
+                shutil.rmtree(tmp, ignore_errors=True)  # another writer won the race with an equal artifact
+                return
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -137,7 +176,7 @@ def atomic_file(dest: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary file path beside ``dest``; rename it onto ``dest`` on success, else delete it."""
     dest = Path(dest)
     ensure_dir(dest.parent if str(dest.parent) else ".")
-    fd, name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{dest.name}-{os.getpid()}-", suffix=suffix, dir=dest.parent)
+    fd, name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{dest.name}-{_owner()}-", suffix=suffix, dir=dest.parent)
     os.close(fd)
     tmp = Path(name)
     try:

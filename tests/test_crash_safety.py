@@ -50,3 +50,41 @@ def test_killed_report_reruns_to_the_same_metrics_and_leaves_no_temp_files(tmp_p
         assert _report(tmp_path, cache, out) == 0
         assert _metrics(out) == ref
         assert not list(cache.rglob(".tmp-*")) and not list(out.rglob(".tmp-*"))
+
+
+def test_atomic_dir_keeps_an_equal_artifact_a_concurrent_writer_finished(tmp_path):
+    """Two Ray workers building the same content-addressed variant into a shared cache: the second
+    keeps the first one's folder (``keep_existing``) and leaves no temporary behind; without it the
+    newer build replaces the older."""
+    from deepship.utils import atomic_dir
+
+    dest = tmp_path / "v"
+    with atomic_dir(dest) as d:
+        (d / "a").write_text("first")
+    with atomic_dir(dest, keep_existing=lambda p: (p / "a").is_file()) as d:
+        (d / "a").write_text("second")
+    assert (dest / "a").read_text() == "first"
+    with atomic_dir(dest) as d:
+        (d / "a").write_text("third")
+    assert (dest / "a").read_text() == "third"
+    assert [p.name for p in tmp_path.iterdir()] == ["v"]
+
+
+def test_sweep_removes_dead_local_temps_and_keeps_other_hosts_young_ones(tmp_path):
+    """Temporaries are named ``.tmp-<name>-<pid>@<host>-<rand>``: a dead pid of this host is swept at
+    once, a live one never, another host's only after REMOTE_TEMP_AGE_S (its pid means nothing here)."""
+    from deepship.utils import REMOTE_TEMP_AGE_S, _host, sweep_stale_temp
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    mine_dead = tmp_path / f".tmp-v-{dead.pid}@{_host()}-abc"
+    mine_live = tmp_path / f".tmp-v-{os.getpid()}@{_host()}-abd"
+    other_young = tmp_path / f".tmp-v-{dead.pid}@some.other.node-abe"
+    other_old = tmp_path / f".tmp-v-{dead.pid}@some.other.node-abf"
+    for p in (mine_dead, mine_live, other_young, other_old):
+        p.mkdir()
+    old = time.time() - REMOTE_TEMP_AGE_S - 10
+    os.utime(other_old, (old, old))
+    removed = sweep_stale_temp(tmp_path)
+    assert sorted(removed) == sorted([mine_dead, other_old])
+    assert mine_live.is_dir() and other_young.is_dir()

@@ -86,7 +86,7 @@ def quantize_cmd(model: str = typer.Argument(..., help=MODEL_HELP),
                  train_data: Optional[str] = TRAIN_DATA):
     """Quantize a model and say which nodes were quantized."""
     from .. import api
-    from ..pipeline.quantize import describe_nodes
+    from ..pipeline.formatting import describe_nodes
     from ..pipeline.quantize import check_params
     from ..utils import check_writable
 

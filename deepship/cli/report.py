@@ -29,12 +29,21 @@ def report_cmd(models: List[str] = typer.Argument(None, help=f"models ({MODEL_HE
                inputs: List[str] = INPUTS, weights: Optional[str] = WEIGHTS, name: Optional[str] = NAME,
                data: Optional[str] = DATA, train_data: Optional[str] = TRAIN_DATA,
                calibration_data: Optional[str] = CALIBRATION_DATA, metric: Optional[str] = METRIC,
-               retrain: bool = typer.Option(False, help="ignore committed and cached weights")):
-    """Build every variant, evaluate on held-out data, benchmark, write report.json and report.md."""
+               retrain: bool = typer.Option(False, help="ignore committed and cached weights"),
+               compare: Optional[Path] = typer.Option(None, "--compare", help="an earlier report.json to show side "
+                                                      "by side in report.html, regressions first"),
+               as_json: bool = typer.Option(False, "--json", help="print the machine summary as JSON on stdout "
+                                            "(messages go to stderr)"),
+               ray: bool = typer.Option(False, "--ray", help="run the builds and measurements as Ray tasks: on "
+                                        "$RAY_ADDRESS when set, else on a local cluster (pip install 'deepship[ray]')"),
+               ray_address: Optional[str] = typer.Option(None, "--ray-address", help="the Ray cluster to use, "
+                                                         "HOST:PORT, ray://HOST:PORT or auto (implies --ray)")):
+    """Build every variant, evaluate on held-out data, benchmark, write report.json, report.md and report.html."""
     from ..errors import InputSpecError
     from ..models.zoo import DEFAULT_SET, ZOO
     from ..pipeline import prune as P
-    from ..pipeline.report import run_report
+    from ..pipeline.check import load_report
+    from ..pipeline.report import run_report, summary
 
     names = list(ZOO) if all_models else (models or DEFAULT_SET)
     per_model = inputs or weights or data or train_data or calibration_data or name
@@ -43,12 +52,16 @@ def report_cmd(models: List[str] = typer.Argument(None, help=f"models ({MODEL_HE
                              "name exactly one")
     bs = batch_sizes(batches)
     sparsities = P.parse_sparsities(prune) if prune else []
+    old = load_report(compare) if compare is not None else None  # a bad --compare fails before any work
     specs = [load(n, inputs, weights, data, metric, retrain, train_data, calibration_data, name).spec for n in names]
     rep = run_report(specs, out_dir=out_dir, methods=csv(methods) or None, batches=bs, threads=threads,
                      min_time_s=min_time, retrain=retrain, engines=csv(engines) or None, prune=sparsities,
-                     distill=distill)
+                     distill=distill, ray=ray, ray_address=ray_address, compare=old)
     failed = [f"{m['model']}/{v['variant']}" for m in rep["models"] for v in m["variants"] if v["status"] != "ok"]
-    out.print(f"wrote {out_dir / 'report.json'} and {out_dir / 'report.md'} in {rep['elapsed_s']:.0f} s", highlight=False)
+    if as_json:
+        print(json.dumps(summary(rep, out_dir), default=str))
+    (err if as_json else out).print(f"wrote {out_dir / 'report.json'}, report.md and report.html in "
+                                    f"{rep['elapsed_s']:.0f} s", highlight=False, markup=False)
     if failed:
         err.print(f"warning: {len(failed)} variant(s) failed: {', '.join(failed)} (see report.md)", highlight=False)
 
@@ -61,17 +74,26 @@ def check_cmd(report: Path = typer.Argument(..., help="new report.json"),
               max_drop: Optional[float] = typer.Option(None, help="max worsening in metric units (accuracy: points)"),
               max_rel_drop: Optional[float] = typer.Option(None, help="max relative worsening (0.02 = 2%)"),
               latency_tolerance: Optional[float] = typer.Option(None, help="max relative p50 latency rise (same CPU only)"),
-              summary: Optional[Path] = typer.Option(None, help="also write the Markdown summary here")):
+              summary: Optional[Path] = typer.Option(None, help="also write the Markdown summary here"),
+              html: Optional[Path] = typer.Option(None, "--html", help="also write an HTML page: the two runs side "
+                                                  "by side, regressions first, with the new run's plots")):
     """CI accuracy-regression gate: exits 1 naming each variant over budget."""
     from .. import api
-    from ..pipeline.check import to_markdown
-    from ..utils import write_text_atomic
+    from ..pipeline.check import load_report, to_markdown
+    from ..pipeline.report_html import write_html
+    from ..utils import check_writable, write_text_atomic
 
+    for p in (summary, html):
+        if p is not None:
+            check_writable(p)
     res = api.check(report, baseline, budgets, max_drop, max_rel_drop, latency_tolerance)
     md = to_markdown(res)
     print(md)
     if summary:
         write_text_atomic(summary, md)
+    if html:
+        write_html(load_report(report), html, baseline=load_report(baseline),
+                   title=f"deepship check: {report} against {baseline}", gate=res)
     if not res.ok:
         for f in res.failures:
             err.print(f"over budget: {f}", highlight=False)
@@ -90,7 +112,7 @@ def cache_ls_cmd(as_json: bool = typer.Option(False, "--json", help="print the e
     """List the built variants in the cache (model, variant, key, size, age, valid)."""
     import time
 
-    from ..pipeline.report import fmt_bytes
+    from ..pipeline.formatting import fmt_bytes
     from ..pipeline.variants import cache_entries
     from ..utils import cache_root, sweep_stale_temp
 
@@ -113,7 +135,7 @@ def cache_ls_cmd(as_json: bool = typer.Option(False, "--json", help="print the e
 @user_errors
 def cache_clear_cmd(models: List[str] = typer.Argument(None, help="only these models' artifacts (default: everything)")):
     """Delete the cache: every artifact, trained weight and data cache, or only the named models' artifacts."""
-    from ..pipeline.report import fmt_bytes
+    from ..pipeline.formatting import fmt_bytes
     from ..pipeline.variants import clear_cache
     from ..utils import cache_root
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import GateError
-from .report import fmt_metric
+from .formatting import fmt_metric
 
 SUPPORTED_SCHEMAS = (1,)
 

@@ -143,7 +143,8 @@ class ModelContext:
                 self._sweep_once()
                 v = Variant(self.spec.name, "fp32-torch", None, "baseline", "", {}, "torch", "fp32", key,
                             files=["weights.safetensors"], runtime="torch")
-                with atomic_dir(artifact_dir(self.spec.name, v.name, key)) as d:
+                with atomic_dir(artifact_dir(self.spec.name, v.name, key),
+                                keep_existing=lambda _: load_cached(self.spec.name, "fp32-torch", key) is not None) as d:
                     save_weights(module, d / "weights.safetensors")
                     write_meta(v, d)
                 v.dir = str(artifact_dir(self.spec.name, v.name, key))
@@ -222,7 +223,8 @@ class ModelContext:
         if v is None:
             self.progress(f"{self.spec.name}: building {name} ({stage} {method})")
             out = artifact_dir(self.spec.name, name, key)
-            with atomic_dir(out) as d:
+            # a shared cache (Ray workers) may finish the same key first: keep that one, it is equal
+            with atomic_dir(out, keep_existing=lambda _: load_cached(self.spec.name, name, key) is not None) as d:
                 files, info = impl.fn(self, par, params, d)
                 precision = info.pop("precision", impl.precision)
                 v = Variant(self.spec.name, name, par.name, stage, method, params, impl.produces, precision, key,

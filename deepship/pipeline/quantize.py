@@ -104,13 +104,6 @@ def quantized_nodes(fp32_model, q_model) -> dict[str, Any]:
     return {"quantized": dict(q), "kept_fp32": kept}
 
 
-def describe_nodes(info: Mapping[str, Any]) -> str:
-    """One line: ``quantized Conv x2, Gemm x2; kept FP32: LSTM x1``."""
-    q = ", ".join(f"{k} x{v}" for k, v in sorted(info.get("quantized", {}).items())) or "none"
-    k = ", ".join(f"{k} x{v}" for k, v in sorted(info.get("kept_fp32", {}).items()))
-    return f"quantized {q}" + (f"; kept FP32: {k}" if k else "")
-
-
 def _save(model, out: Path) -> None:
     save_onnx(model, out)
 

@@ -1,11 +1,13 @@
 """``optimize report``: build the variant tree, evaluate and benchmark every variant, write the report.
 
-Outputs ``report.json`` (schema :data:`SCHEMA_VERSION`; machine, library versions and date) and
-``report.md`` (one table per model), both written atomically. Progress shows with rich.
+Outputs ``report.json`` (schema :data:`SCHEMA_VERSION`; machine, library versions and date),
+``report.md`` (one table per model) and ``report.html`` (plots; :mod:`.report_html`), all written
+atomically. Progress shows with rich.
 Variants on the Pareto front of batch-32 latency against the metric are marked (the Olive idea).
 """
 from __future__ import annotations
 
+import contextlib
 import time
 import traceback
 from pathlib import Path
@@ -13,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 from ..errors import DeepshipError, StageError
 from ..models.spec import ModelSpec
-from ..runtimes.benchmark import measure
+from ..runtimes.benchmark import measure as measure_latency
 from ..runtimes.engines import get_backend
 from . import distill as D
 from . import prune as P
@@ -21,7 +23,8 @@ from ..utils import (check_writable, default_threads, first_line, machine_info, 
                      write_text_atomic)
 from .context import ModelContext
 from .evaluate import bench_feeds, evaluate
-from .quantize import describe_nodes
+from .formatting import fmt_bytes, fmt_change, fmt_metric, lat_cell, notes
+from .report_html import write_html
 from .stages import get_stage
 
 SCHEMA_VERSION = 1
@@ -87,40 +90,51 @@ def extra_entries(ctx: ModelContext, engines: Sequence[str] = (), prune: Sequenc
     return out
 
 
-def run_model(ctx: ModelContext, plan, batches: Sequence[int], threads: int | None, min_time_s: float,
-              advance: Callable[[str], None], extra: Sequence[tuple] = ()) -> dict[str, Any]:
-    """Build, evaluate and benchmark every variant of one model (its family's plan, then ``extra``
-    entries not already in it); return its report section."""
-    spec = ctx.spec
-    rows: list[dict[str, Any]] = []
-    base = ctx.baseline()
-    plan = ctx.arch.plan_for(spec, plan)
+def model_todo(ctx: ModelContext, plan, extra: Sequence[tuple] = ()) -> list[tuple]:
+    """The entries a model's report builds, in order: the baseline (``(name, None, None, None, None)``),
+    the family's plan, then ``extra`` entries not already in it."""
+    plan = ctx.arch.plan_for(ctx.spec, plan)
     plan += [e for e in extra if e[0] not in {p[0] for p in plan}]
-    todo = [(base.name, None, None, None, None)] + [p for p in plan]
+    return [("fp32-torch" if ctx.has_torch else "fp32-onnx", None, None, None, None)] + list(plan)
+
+
+def model_rows(ctx: ModelContext, todo: Sequence[tuple], batches: Sequence[int], threads: int | None,
+               min_time_s: float, advance: Callable[[str], None], measure: set[str] | None = None) -> list[dict]:
+    """Build, evaluate and benchmark the entries of ``todo`` (see :func:`model_todo`) in order; one
+    row each. With ``measure``, only the entries named there get a row (their ancestors in ``todo``
+    are built, or taken from the cache, and not measured): how a Ray task runs one variant chain. The
+    baseline is always evaluated (its outputs are the drift reference, its metric the change's base)."""
+    rows: list[dict[str, Any]] = []
     reference = None
     base_metric = None
     for entry in todo:
         name = entry[0]
+        wanted = measure is None or name in measure
         row: dict[str, Any] = {"variant": name}
         t0 = time.perf_counter()
         try:
             if entry[1] is None:
-                v = base
+                v = ctx.baseline()
             else:
                 _, stage, method, params, parent = entry
                 if parent not in ctx._variants:
-                    advance(name)
+                    if wanted:
+                        advance(name)
                     continue  # parent not in this model's tree (e.g. ONNX-only model has no torch)
                 v = ctx.build(name, stage, method, params, parent)
+            if not wanted and entry[1] is not None:
+                continue
             sess = ctx.session(v, threads=threads)
             ev = evaluate(ctx, sess, reference)
             if reference is None:
                 reference = ev["outputs"]
                 base_metric = ev["metric"]
+            if not wanted:
+                continue
             lat = {}
             for b in batches:
                 try:
-                    lat[str(b)] = measure(sess, bench_feeds(ctx, b), min_time_s=min_time_s, batch=b).to_dict()
+                    lat[str(b)] = measure_latency(sess, bench_feeds(ctx, b), min_time_s=min_time_s, batch=b).to_dict()
                 except DeepshipError as e:
                     lat[str(b)] = {"error": str(e)}
             row.update({
@@ -139,8 +153,12 @@ def run_model(ctx: ModelContext, plan, batches: Sequence[int], threads: int | No
                 row["metric_change"] = ev["metric"] - base_metric
                 row["metric_change_rel"] = (ev["metric"] - base_metric) / abs(base_metric) if base_metric else None
         except DeepshipError as e:
+            if not wanted:
+                continue  # an ancestor another task measures: its row says why; descendants are skipped
             row.update({"status": "failed", "error": str(e)})
         except Exception as e:  # a stage crashing inside a library: record it, keep going
+            if not wanted:
+                continue
             last = traceback.extract_tb(e.__traceback__)[-1]
             row.update({"status": "failed",
                         "error": f"{type(e).__name__}: {first_line(e, 200)} "
@@ -148,6 +166,12 @@ def run_model(ctx: ModelContext, plan, batches: Sequence[int], threads: int | No
         row["build_eval_s"] = round(time.perf_counter() - t0, 2)
         rows.append(row)
         advance(name)
+    return rows
+
+
+def model_section(ctx: ModelContext, rows: list[dict], batches: Sequence[int]) -> dict[str, Any]:
+    """One model's report section from its rows (in plan order): Pareto marks, speedups, the header."""
+    spec = ctx.spec
     _mark_pareto(rows, spec, batches)
     _add_speedups(rows)
     ds = ctx.dataset()
@@ -197,7 +221,8 @@ def run_report(specs: Sequence[ModelSpec], out_dir: str | Path = "report", metho
                batches: Sequence[int] = (1, 32), threads: int | None = None, min_time_s: float = 0.25,
                engine: bool = True, retrain: bool = False, show_progress: bool = True,
                plan: list | None = None, engines: Sequence[str] | None = None, prune: Sequence[float] = (),
-               distill: bool = False) -> dict[str, Any]:
+               distill: bool = False, ray: bool = False, ray_address: str | None = None,
+               compare: dict | None = None) -> dict[str, Any]:
     """Build the variant tree of each model, evaluate and benchmark every variant, write the report.
 
     Args:
@@ -211,9 +236,13 @@ def run_report(specs: Sequence[ModelSpec], out_dir: str | Path = "report", metho
             they replace the default ONNX Runtime engine row.
         prune: structured sparsities to add (pruned, fine-tuned on the training data, exported).
         distill: add a width-0.5 student distilled from the model (needs labeled training data).
+        ray: run the builds and measurements as Ray tasks (:mod:`deepship.pipeline.distributed`): a
+            local cluster, or ``ray_address`` / ``$RAY_ADDRESS``.
+        compare: a baseline report (:func:`deepship.pipeline.check.load_report`) shown side by side
+            in ``report.html``, regressions first.
 
     Returns:
-        The report dict (also written to ``out_dir/report.json``).
+        The report dict (also written to ``out_dir/report.json``, ``report.md`` and ``report.html``).
 
     Raises:
         OutputPathError: ``out_dir`` cannot be written (checked before any work).
@@ -237,22 +266,43 @@ def run_report(specs: Sequence[ModelSpec], out_dir: str | Path = "report", metho
         if not 0.0 < float(s_) < 1.0:
             raise StageError(f"sparsity {s_} is outside (0, 1); give fractions such as 0.25,0.5")
     threads = threads or default_threads()
+    if (ray or ray_address) and retrain:
+        raise StageError("--retrain with --ray: retrain first (optimize train MODEL), then run the report on Ray; "
+                         "every task must load the same weights")
     # every model's extra rows are checked before any work starts
     contexts = [ModelContext(spec, retrain=retrain) for spec in specs]
     extras = [extra_entries(ctx, engines or (), prune, distill) for ctx in contexts]
     t0 = time.perf_counter()
     console = Console(stderr=True)
-    models = []
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, disable=not show_progress, transient=False) as prog:
-        for ctx, extra in zip(contexts, extras):
-            spec = ctx.spec
-            task = prog.add_task(f"{spec.name}", total=len(ctx.arch.plan_for(spec, the_plan)) + len(extra) + 1)
-            ctx.progress = lambda s, t=task: prog.update(t, description=s[:60])
-            models.append(run_model(ctx, the_plan, batches, threads, min_time_s,
-                                    lambda name, t=task, n=spec.name: prog.update(t, advance=1, description=f"{n}: {name}"),
-                                    extra))
-            prog.update(task, description=f"{spec.name}: done")
+    models: list[dict] = []
+    distributed = None
+    with contextlib.ExitStack() as stack:
+        if ray or ray_address:
+            from .distributed import ray_cluster, run_on_ray
+
+            cluster = stack.enter_context(ray_cluster(ray_address))  # unreachable: fails before any work
+        prog = stack.enter_context(Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                            TimeElapsedColumn(), console=console, disable=not show_progress,
+                                            transient=False))
+        todos = [model_todo(ctx, the_plan, extra) for ctx, extra in zip(contexts, extras)]
+        bars = [prog.add_task(f"{ctx.spec.name}", total=len(todo)) for ctx, todo in zip(contexts, todos)]
+        if ray or ray_address:
+            results = run_on_ray(contexts, todos, batches, threads, min_time_s,
+                                 lambda i, name: prog.update(bars[i], advance=1,
+                                                             description=f"{contexts[i].spec.name}: {name}"))
+            for ctx, res in zip(contexts, results):
+                ctx.weights_info = res["weights"]
+                models.append(model_section(ctx, res["rows"], batches))
+            distributed = {"engine": "ray", **cluster,
+                           "tasks": {ctx.spec.name: res["tasks"] for ctx, res in zip(contexts, results)}}
+        else:
+            for ctx, todo, task in zip(contexts, todos, bars):
+                name = ctx.spec.name
+                ctx.progress = lambda s, t=task: prog.update(t, description=s[:60])
+                rows = model_rows(ctx, todo, batches, threads, min_time_s,
+                                  lambda v, t=task, n=name: prog.update(t, advance=1, description=f"{n}: {v}"))
+                models.append(model_section(ctx, rows, batches))
+                prog.update(task, description=f"{name}: done")
     report = {
         "schema_version": SCHEMA_VERSION,
         "tool": "deepship",
@@ -262,73 +312,30 @@ def run_report(specs: Sequence[ModelSpec], out_dir: str | Path = "report", metho
         "elapsed_s": round(time.perf_counter() - t0, 1),
         "models": models,
     }
+    if distributed:
+        report["distributed"] = distributed
     write_json_atomic(out / "report.json", report)
     write_text_atomic(out / "report.md", to_markdown(report))
+    write_html(report, out / "report.html", baseline=compare)
     return report
 
 
-def fmt_bytes(n: int | None) -> str:
-    if not n:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def fmt_metric(value: float | None, metric: dict | None) -> str:
-    if value is None or metric is None:
-        return "-"
-    s = metric.get("scale", 1.0)
-    return f"{value * s:.2f}{metric.get('unit', '') if metric.get('unit') == '%' else ''}"
-
-
-def fmt_change(row: dict, metric: dict | None) -> str:
-    if metric is None or row.get("metric_change") is None:
-        return "-"
-    d = row["metric_change"] * metric.get("scale", 1.0)
-    unit = " pt" if metric.get("unit") == "%" else ""
-    rel = row.get("metric_change_rel")
-    return f"{d:+.2f}{unit}" + (f" ({rel * 100:+.1f}%)" if rel is not None and metric.get("unit") != "%" else "")
-
-
-def _lat(row: dict, b: str, key: str = "p50_ms") -> str:
-    v = row.get("latency_ms", {}).get(b, {}).get(key)
-    if v is None:
-        return "-"
-    return f"{v:.3f}" if v < 1 else f"{v:.2f}"
-
-
-def _notes(row: dict) -> str:
-    if row.get("status") != "ok":
-        return f"FAILED: {row.get('error', '')}"
-    info = row.get("info", {})
-    notes = []
-    if "nodes" in info and row.get("stage") == "quantize":
-        notes.append(describe_nodes(info["nodes"]))
-    if "calibration" in info:
-        cal = info.get("calibration_data")
-        notes.append(f"{info['calibration']} calibration" + (f" on {cal}" if cal else ""))
-    if "parity" in info:
-        p = info["parity"].get("second_shape", {})
-        notes.append(f"parity max abs {p.get('max_abs', 0):.1e} at {p.get('shape')}")
-    if row.get("stage") == "engine":
-        notes.append(f"{row.get('method')} engine, {row.get('precision')}, ran on {row.get('provider')}")
-        if info.get("static_dims"):
-            notes.append("static " + ", ".join(f"{k}={v}" for k, v in info["static_dims"].items()))
-    d = row.get("drift")
-    if d and "top1_agreement" in d and row.get("stage") != "baseline":
-        notes.append(f"top-1 agree {d['top1_agreement'] * 100:.1f}%")
-    elif d and row.get("stage") != "baseline":
-        notes.append(f"drift max abs {d.get('max_abs', 0):.2g}")
-    for k, val in (row.get("extra") or {}).items():
-        notes.append(f"{k} {val:.4g}" if isinstance(val, float) else f"{k} {val}")
-    if info.get("warning"):
-        notes.append(info["warning"])
-    if row.get("pareto"):
-        notes.append("**Pareto**")
-    return "; ".join(notes)
+def summary(report: dict, out_dir: str | Path | None = None) -> dict[str, Any]:
+    """The machine-readable summary ``optimize report --json`` prints: the files written, the
+    machine, and per model and variant its status, metric, change, size (bytes), p50 latency (ms)
+    and speedup at each batch, and whether it is on the Pareto front."""
+    files = {k: str(Path(out_dir) / f"report.{k}") for k in ("json", "md", "html")} if out_dir is not None else {}
+    return {
+        "files": files, "elapsed_s": report.get("elapsed_s"), "machine": report.get("machine", {}),
+        "settings": report.get("settings", {}),
+        "failed": [f"{m['model']}/{v['variant']}" for m in report["models"] for v in m["variants"] if v["status"] != "ok"],
+        "models": [{"model": m["model"], "metric": (m.get("metric") or {}).get("name"), "variants": [
+            {"variant": v["variant"], "status": v["status"], "metric": v.get("metric"),
+             "metric_change": v.get("metric_change"), "size_bytes": v.get("size_bytes"),
+             "p50_ms": {b: t.get("p50_ms") for b, t in v.get("latency_ms", {}).items()},
+             "speedup": v.get("speedup", {}), "pareto": bool(v.get("pareto")),
+             **({"error": v["error"]} if "error" in v else {})} for v in m["variants"]]} for m in report["models"]],
+    }
 
 
 def to_markdown(report: dict) -> str:
@@ -352,10 +359,10 @@ def to_markdown(report: dict) -> str:
         for r in mod["variants"]:
             thr = r.get("latency_ms", {}).get(bs[-1], {}).get("throughput")
             cells = [r["variant"], r.get("parent") or "-", r.get("format", "-"), r.get("precision", "-"),
-                     fmt_bytes(r.get("size_bytes"))] + [_lat(r, b) for b in bs] + \
-                    [_lat(r, bs[-1], "p99_ms"), f"{thr:,.0f}" if thr else "-"] + \
+                     fmt_bytes(r.get("size_bytes"))] + [lat_cell(r, b) for b in bs] + \
+                    [lat_cell(r, bs[-1], "p99_ms"), f"{thr:,.0f}" if thr else "-"] + \
                     [f"{r['speedup'][b]:.2f}x" if b in r.get("speedup", {}) else "-" for b in bs] + \
-                    [fmt_metric(r.get("metric"), met), fmt_change(r, met), _notes(r)]
+                    [fmt_metric(r.get("metric"), met), fmt_change(r, met), notes(r)]
             lines.append("| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |")
         lines.append("")
     lines.append(f"Built in {report.get('elapsed_s', 0):.0f} s. Sizes include ONNX external data. "
