@@ -132,7 +132,7 @@ def test_renders_in_headless_chromium(two_models, tmp_path):
             assert drawn >= m["variants_plotted"] * len(rep["settings"]["batches"])
         # the table sorts on a header click (size column, ascending)
         page.locator("table.sortable").nth(1).locator("th", has_text="size").click()
-        sizes = page.locator("table.sortable").nth(1).locator("tbody tr td:nth-child(5)").evaluate_all(
+        sizes = page.locator("table.sortable").nth(1).locator("tbody tr td:nth-child(6)").evaluate_all(
             "tds => tds.map(td => parseFloat(td.dataset.v))")
         assert sizes == sorted(sizes)
         page.screenshot(path=str(tmp_path / "report.png"), full_page=True)

@@ -1,4 +1,4 @@
-"""Commands that run models: ``serve``, ``generate``, ``asr bundle``, ``asr transcribe``."""
+"""Commands that run or ship models: ``serve``, ``generate``, ``asr bundle``, ``asr transcribe``, ``deploy triton``."""
 from __future__ import annotations
 
 import json
@@ -120,3 +120,40 @@ def asr_transcribe_cmd(audio: Path = typer.Argument(..., help="audio file: WAV/F
     err.print(f"{res['seconds']:.2f} s of audio, {res['chunks']} chunks, {res['variant']}{rtf}", highlight=False)
 
 
+
+
+deploy_app = typer.Typer(no_args_is_help=True, help="Write what the serving engines people run at scale load.")
+app.add_typer(deploy_app, name="deploy")
+
+
+@deploy_app.command("triton")
+@user_errors
+def deploy_triton_cmd(report: Path = typer.Argument(..., help="report.json written by optimize report"),
+                      out_dir: Path = typer.Option(Path("model_repository"), "--out",
+                                                   help="Triton model repository folder (created or updated)"),
+                      variant: List[str] = typer.Option(None, "--variant", help="deploy only this variant (repeat), "
+                                                        "e.g. int8-static"),
+                      model: List[str] = typer.Option(None, "--model", help="deploy only this model (repeat)"),
+                      instances: int = typer.Option(1, help="instance_group count per model"),
+                      max_batch_size: Optional[int] = typer.Option(None, help="max_batch_size (default: the largest "
+                                                                   "batch the report measured)"),
+                      threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads per instance "
+                                                            "(default: those the report measured with)"),
+                      kserve_name: str = typer.Option("deepship", help="metadata.name of the KServe InferenceService"),
+                      storage_uri: str = typer.Option("pvc://deepship-models/model_repository",
+                                                      help="where KServe finds the repository (s3://, gs://, pvc://)"),
+                      as_json: bool = typer.Option(False, "--json", help="print the summary as JSON on stdout")):
+    """Write a Triton Inference Server model repository (config.pbtxt per model, numbered versions) and a
+    KServe InferenceService manifest; optimize serve runs the same folder."""
+    from ..serving.triton_repo import write_triton_repository
+
+    res = write_triton_repository(report, out_dir, variants=variant or None, models=model or None,
+                                  instances=instances, max_batch_size=max_batch_size, threads=threads,
+                                  kserve_name=kserve_name, storage_uri=storage_uri,
+                                  log=None if as_json else lambda s: err.print(s, highlight=False, soft_wrap=True))
+    if as_json:
+        print(json.dumps(res, indent=2))
+    else:
+        out.print(f"wrote {res['repository']}/ ({len(res['models'])} models) and {res['kserve']}; serve it with "
+                  f"optimize serve {res['repository']}, or tritonserver --model-repository={res['repository']}",
+                  highlight=False, soft_wrap=True)

@@ -85,28 +85,33 @@ def model_figures(mod: dict, batches: list[str]) -> list[Any]:
 
     pareto = make_subplots(rows=1, cols=max(1, len(batches)), shared_yaxes=True, horizontal_spacing=0.04,
                            subplot_titles=[f"batch {b}" for b in batches])
+    number = {r["variant"]: i for i, r in enumerate(mod["variants"], start=1)}  # the table's # column
     positions = ("top center", "bottom center")
     for col, b in enumerate(batches, start=1):
         pts = sorted((r["latency_ms"][b]["p50_ms"], _y(r, met), r["variant"]) for r in ok
                      if "p50_ms" in r.get("latency_ms", {}).get(b, {}) and _y(r, met) is not None)
+        fr = _front(pts, hib)
+        on_front = {p[2] for p in fr}
+        # every point carries its variant's number (the table's # column); front points their name too,
+        # so a cluster of ten variants at one accuracy stays readable; hover gives name and chain
         pareto.add_trace(go.Scatter(
             x=[p[0] for p in pts], y=[p[1] for p in pts], mode="markers+text", name=f"batch {b}",
-            text=[p[2] for p in pts], textposition=[positions[k % len(positions)] for k in range(len(pts))],
+            text=[f"{number[p[2]]} {p[2]}" if p[2] in on_front else str(number[p[2]]) for p in pts],
+            textposition=[positions[k % len(positions)] for k in range(len(pts))],
             textfont={"size": 9}, marker={"size": 8},
-            customdata=[[_chain(by_name, p[2]), by_name[p[2]].get("format", ""), by_name[p[2]].get("precision", "")]
-                        for p in pts],
-            hovertemplate="%{text}<br>%{customdata[0]}<br>%{customdata[1]} %{customdata[2]}<br>"
+            customdata=[[_chain(by_name, p[2]), by_name[p[2]].get("format", ""), by_name[p[2]].get("precision", ""),
+                         p[2]] for p in pts],
+            hovertemplate="%{customdata[3]}<br>%{customdata[0]}<br>%{customdata[1]} %{customdata[2]}<br>"
                           "p50 %{x:.3f} ms<br>change %{y:.4g}<extra>batch " + b + "</extra>"), row=1, col=col)
-        fr = _front(pts, hib)
         pareto.add_trace(go.Scatter(x=[p[0] for p in fr], y=[p[1] for p in fr], mode="lines+markers",
                                     line={"dash": "dot", "width": 1, "color": "#444"},
                                     marker={"size": 12, "symbol": "circle-open", "color": "#444"},
                                     name="Pareto front", legendgroup="front", showlegend=col == 1, hoverinfo="skip"),
                          row=1, col=col)
-        pareto.update_xaxes(type="log", title_text="p50 latency per call, ms (log)", row=1, col=col)
+        pareto.update_xaxes(type="log", dtick="D2", title_text="p50 latency per call, ms (log)", row=1, col=col)
     pareto.update_yaxes(title_text=ylab, row=1, col=1)
     pareto.update_layout(title=f"{mod['model']}: latency against {met['name'] if met else 'drift'} "
-                               "(each point a variant; hover for its parent chain)",
+                               "(each point a variant, numbered as in the table; hover for its parent chain)",
                          height=480, margin={"t": 70, "l": 60, "r": 20, "b": 50}, showlegend=True)
     sizes = go.Figure(go.Bar(x=[r["variant"] for r in ok], y=[(r.get("size_bytes") or 0) / 2 ** 20 for r in ok],
                              text=[f"{(r.get('size_bytes') or 0) / 2 ** 20:.2f}" for r in ok]))
@@ -149,14 +154,14 @@ def model_figures(mod: dict, batches: list[str]) -> list[Any]:
 
 def _table(mod: dict, batches: list[str]) -> str:
     met = mod.get("metric")
-    hdr = ["variant", "parent", "format", "precision", "size"] + [f"p50 ms b{b}" for b in batches] + \
+    hdr = ["#", "variant", "parent", "format", "precision", "size"] + [f"p50 ms b{b}" for b in batches] + \
           [f"speedup b{b}" for b in batches] + [met["name"] if met else "metric", "change", "notes"]
     out = ['<table class="sortable"><thead><tr>' + "".join(
         f'<th class="{"l" if h in ("variant", "parent", "format", "precision", "notes") else ""}">{html.escape(h)}</th>'
         for h in hdr) + "</tr></thead><tbody>"]
-    for r in mod["variants"]:
+    for i, r in enumerate(mod["variants"], start=1):
         lat = r.get("latency_ms", {})
-        cells = [(r["variant"], None, "l"), (r.get("parent") or "-", None, "l"), (r.get("format", "-"), None, "l"),
+        cells = [(str(i), i, ""), (r["variant"], None, "l"), (r.get("parent") or "-", None, "l"), (r.get("format", "-"), None, "l"),
                  (r.get("precision", "-"), None, "l"), (fmt_bytes(r.get("size_bytes")), r.get("size_bytes") or 0, "")]
         cells += [(f"{lat[b]['p50_ms']:.3f}" if "p50_ms" in lat.get(b, {}) else "-",
                    lat.get(b, {}).get("p50_ms", ""), "") for b in batches]

@@ -32,7 +32,7 @@ import asyncio
 import contextlib
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 from urllib.parse import unquote
 
@@ -95,7 +95,8 @@ class InferenceServer:
         self.config = config or ServerConfig()
         self.metrics = ServingMetrics(repository.names())
         self.batchers: dict[str, DynamicBatcher] = {
-            m.name: DynamicBatcher(m.name, m.run, self.config.batching, can_batch=m.max_batch_size > 0,
+            m.name: DynamicBatcher(m.name, m.run, replace(self.config.batching, **m.batching),
+                                   can_batch=m.max_batch_size > 0,
                                    observe=self.metrics.observer(m.name))
             for m in repository.models.values()
         }
@@ -115,7 +116,8 @@ class InferenceServer:
         """The served model ``name``.
 
         Raises:
-            RequestError: 400 for an invalid name, 404 for an unknown model or a version other than 1.
+            RequestError: 400 for an invalid name, 404 for an unknown model or a version other than the one served
+                (1, or the version a Triton repository selects).
         """
         if not valid_name(name):
             raise RequestError(f"invalid model name '{name[:64]}'; names use letters, digits, '.', '_' and '-'", 400)
@@ -124,8 +126,9 @@ class InferenceServer:
             names = self.repository.names()
             raise RequestError(f"unknown model '{name}'; served models: {', '.join(names[:20])}"
                                + (" ..." if len(names) > 20 else ""), 404)
-        if version not in (None, "", "1"):
-            raise RequestError(f"model '{name}' has no version '{version[:16]}'; deepship serves version 1", 404)
+        served = str(m.source.get("version") or "1")  # a Triton repository's newest version, else 1
+        if version not in (None, "", served):
+            raise RequestError(f"model '{name}' has no version '{version[:16]}'; deepship serves version {served}", 404)
         return m
 
     async def read_body(self, headers: dict[bytes, bytes], receive) -> bytes:
@@ -310,7 +313,8 @@ def create_app(server: InferenceServer) -> "InferMiddleware":
             return Response(status_code=200 if server.ready and m else 503)
 
         async def config(name: str, version: str | None = None):
-            return model_config(server.model(name, version), server.config.batching.to_dict())
+            m = server.model(name, version)
+            return model_config(m, server.batchers[m.name].config.to_dict())
 
         async def stats(name: str, version: str | None = None):
             return server.metrics.model_stats([server.model(name, version).name])

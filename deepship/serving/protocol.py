@@ -341,7 +341,7 @@ def model_metadata(model: Any) -> dict[str, Any]:
     """``GET /v2/models/{name}``: the protocol's model metadata (name, versions, platform, inputs,
     outputs; shapes with ``-1`` for dynamic dims, the batch axis included)."""
     return {
-        "name": model.name, "versions": ["1"], "platform": model.platform,
+        "name": model.name, "versions": [str(model.source.get("version") or "1")], "platform": model.platform,
         "inputs": [{"name": t.name, "datatype": v2_datatype(t.dtype), "shape": v2_shape(t.dims)} for t in model.inputs],
         "outputs": [{"name": t.name, "datatype": v2_datatype(t.dtype), "shape": v2_shape(t.dims)} for t in model.outputs],
     }

@@ -77,6 +77,9 @@ class ServedModel:
             Extensions select their models by ``kind`` (see :mod:`deepship.serving.app`).
         extra: the report row and model section, for extensions that need more (KV-cache layout,
             stream state names).
+        batching: this model's overrides of the server's
+            :class:`~deepship.serving.batcher.BatcherConfig` (``max_batch_size``,
+            ``max_queue_delay_ms``, ``dynamic_batching``), e.g. from a Triton ``config.pbtxt``.
     """
 
     name: str
@@ -89,6 +92,7 @@ class ServedModel:
     source: dict[str, Any] = field(default_factory=dict)
     kind: str = "tensor"
     extra: dict[str, Any] = field(default_factory=dict)
+    batching: dict[str, Any] = field(default_factory=dict)
 
     @property
     def output_names(self) -> list[str]:

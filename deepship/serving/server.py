@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 
 from .app import InferenceServer, ServerConfig, create_app
 from .repository import ServingError, load_repository
+from .triton_repo import is_triton_repository, load_triton_repository
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -58,7 +59,8 @@ def serve(refs: Sequence[str], config: ServerConfig | None = None, variants: Seq
     """Load the models and serve them until interrupted (Ctrl-C or SIGTERM).
 
     Args:
-        refs: one ``report.json``, or ``.onnx`` files / variant folders (``NAME=PATH``).
+        refs: one ``report.json``, a Triton model repository folder (``optimize deploy triton``;
+            per-model batching from its ``config.pbtxt``), or ``.onnx`` files / variant folders (``NAME=PATH``).
         config: :class:`ServerConfig` (default: 127.0.0.1:8000, dynamic batching on).
         variants, models: filters for a report.
         log: where start-up lines go.
@@ -73,7 +75,13 @@ def serve(refs: Sequence[str], config: ServerConfig | None = None, variants: Seq
     t0 = time.perf_counter()
     sock = bind_socket(config.host, config.port)
     try:
-        repo = load_repository(refs, variants, models, config.batching.max_batch_size, config.threads)
+        if len(refs) == 1 and is_triton_repository(refs[0]):
+            if variants:
+                raise ServingError("--variant filters a report.json; a Triton repository's models are named "
+                                   "<model>-<variant>: use --model")
+            repo = load_triton_repository(refs[0], models, config.threads)
+        else:
+            repo = load_repository(refs, variants, models, config.batching.max_batch_size, config.threads)
         server = InferenceServer(repo, config)
         app = create_app(server)
         port = sock.getsockname()[1]
@@ -85,8 +93,11 @@ def serve(refs: Sequence[str], config: ServerConfig | None = None, variants: Seq
             log(f"skipped {', '.join(names)}: {why}")
         b = config.batching
         log(f"loaded {len(repo)} models in {time.perf_counter() - t0:.2f} s: {', '.join(repo.names())}")
-        log(f"dynamic batching {'on' if b.dynamic_batching else 'off'} (max batch {b.max_batch_size}, max delay "
-            f"{b.max_queue_delay_ms:g} ms, queue {b.max_queue_size}, timeout {b.timeout_s:g} s); "
+        per_model = any(m.batching for m in repo.models.values())
+        log(f"dynamic batching {'on' if b.dynamic_batching else 'off'} ("
+            + ("max batch and delay per model from config.pbtxt" if per_model else
+               f"max batch {b.max_batch_size}, max delay {b.max_queue_delay_ms:g} ms")
+            + f", queue {b.max_queue_size}, timeout {b.timeout_s:g} s); "
             f"threads per model {next(iter(repo.models.values())).source.get('threads')}")
         if not is_loopback(config.host):
             log(f"warning: listening on {config.host}, reachable from the network; there is no authentication")

@@ -524,7 +524,8 @@ class TensorRTBackend:
         meta_p = Path(variant.dir) / "engine.json"
         if not meta_p.is_file():
             raise ArtifactError(f"{meta_p} is missing; rebuild the engine with optimize engine --backend tensorrt")
-        return TensorRTSession(Path(variant.dir) / "model.engine", json.loads(meta_p.read_text()), threads=threads)
+        plan = variant.path if variant.files else Path(variant.dir) / "model.engine"  # model.plan in a Triton repository
+        return TensorRTSession(plan, json.loads(meta_p.read_text()), threads=threads)
 
 
 register_backend(TensorRTBackend())
