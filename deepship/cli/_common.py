@@ -33,6 +33,10 @@ TRAIN_DATA: Optional[str] = typer.Option(None, "--train-data", help="labeled .np
 CALIBRATION_DATA: Optional[str] = typer.Option(None, "--calibration-data", help=".npz of calibration samples for "
                                                "INT8 (default: training data, else a hold-out of --data)")
 NAME: Optional[str] = typer.Option(None, "--name", help="the model's name in reports and file names")
+# the timing options of the commands that measure a sweep of variants
+BATCHES: str = typer.Option("1,32", help="comma-separated batch sizes to time")
+THREADS: Optional[int] = typer.Option(None, help="intra-op threads (default: all cores)")
+MIN_TIME: float = typer.Option(0.5, help="minimum timed seconds per variant and batch")
 METRIC: Optional[str] = typer.Option(None, "--metric", help="accuracy | mae | mse (with --data; default from the "
                                      "targets' dtype)")
 

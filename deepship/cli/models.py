@@ -6,8 +6,8 @@ from typing import List, Optional
 
 import typer
 
-from ._common import (CALIBRATION_DATA, DATA, INPUTS, MODEL_HELP, NAME, TRAIN_DATA, WEIGHTS, app, batch_sizes,
-                      err, load, out, stem, user_errors)
+from ._common import (BATCHES, CALIBRATION_DATA, DATA, INPUTS, MIN_TIME, MODEL_HELP, NAME, THREADS, TRAIN_DATA, WEIGHTS,
+                      app, batch_sizes, err, load, out, stem, user_errors)
 
 
 @app.command("models")
@@ -179,9 +179,9 @@ def prune_cmd(model: str = typer.Argument(..., help=MODEL_HELP),
                                                  "after pruning (0: none)"),
               quantize: Optional[str] = typer.Option(None, help="also quantize each pruned ONNX model: int8-static | "
                                                      "int8-dynamic | fp16 | int4-weight-only"),
-              batches: str = typer.Option("1,32", help="comma-separated batch sizes to time"),
-              threads: Optional[int] = typer.Option(None, help="intra-op threads (default: all cores)"),
-              min_time: float = typer.Option(0.5, help="minimum timed seconds per variant and batch"),
+              batches: str = BATCHES,
+              threads: Optional[int] = THREADS,
+              min_time: float = MIN_TIME,
               output: Optional[Path] = typer.Option(None, "-o", "--output", help="folder for the pruned models, "
                                                     "sweep.json and sweep.md (default out/MODEL-pruned)"),
               inputs: List[str] = INPUTS, weights: Optional[str] = WEIGHTS, name: Optional[str] = NAME,
@@ -243,9 +243,9 @@ def distill_cmd(teacher: str = typer.Argument(..., help=MODEL_HELP),
                                              help="also train the same student without the teacher (alpha 1)"),
                 quantize: Optional[str] = typer.Option(None, help="also quantize the student's ONNX model "
                                                        "(int8-static, int8-dynamic, fp16, int4-weight-only)"),
-                batches: str = typer.Option("1,32", help="comma-separated batch sizes to time"),
-                threads: Optional[int] = typer.Option(None, help="intra-op threads (default: all cores)"),
-                min_time: float = typer.Option(0.5, help="minimum timed seconds per variant and batch"),
+                batches: str = BATCHES,
+                threads: Optional[int] = THREADS,
+                min_time: float = MIN_TIME,
                 output: Optional[Path] = typer.Option(None, "-o", "--output", help="folder for the student models, "
                                                       "distill.json and distill.md (default out/MODEL-distilled)"),
                 inputs: List[str] = INPUTS, weights: Optional[str] = WEIGHTS, name: Optional[str] = NAME,

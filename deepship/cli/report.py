@@ -7,8 +7,8 @@ from typing import List, Optional
 
 import typer
 
-from ._common import (CALIBRATION_DATA, DATA, INPUTS, METRIC, MODEL_HELP, NAME, TRAIN_DATA, WEIGHTS, app, batch_sizes,
-                      csv, err, load, note, out, user_errors)
+from ._common import (BATCHES, CALIBRATION_DATA, DATA, INPUTS, METRIC, MODEL_HELP, NAME, THREADS, TRAIN_DATA, WEIGHTS,
+                      app, batch_sizes, csv, err, load, note, out, user_errors)
 
 
 @app.command("report")
@@ -23,8 +23,8 @@ def report_cmd(models: List[str] = typer.Argument(None, help=f"models ({MODEL_HE
                                                    "0.25,0.5 (fine-tuned on --train-data for your own model)"),
                distill: bool = typer.Option(False, "--distill", help="add a width-0.5 student distilled from the model "
                                             "(needs --train-data for your own model)"),
-               batches: str = typer.Option("1,32", help="comma-separated batch sizes to time"),
-               threads: Optional[int] = typer.Option(None, help="intra-op threads (default: all cores)"),
+               batches: str = BATCHES,
+               threads: Optional[int] = THREADS,
                min_time: float = typer.Option(0.25, help="minimum timed seconds per variant and batch"),
                inputs: List[str] = INPUTS, weights: Optional[str] = WEIGHTS, name: Optional[str] = NAME,
                data: Optional[str] = DATA, train_data: Optional[str] = TRAIN_DATA,
