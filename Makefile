@@ -22,10 +22,11 @@ install: sysdeps $(STAMP)
 
 # Debian packages, installed as root or with sudo: espeak-ng synthesizes the speech the ASR model trains
 # and is evaluated on; chromium renders report.html in the browser test (playwright drives it, never
-# downloads a browser). Without them those tests skip with the reason.
-SYSDEPS ?= espeak-ng chromium
+# downloads a browser); python3.11-doc's reST tutorial is the new text `optimize finetune` adapts the
+# GPT to. Without them those tests skip with the reason.
+SYSDEPS ?= espeak-ng chromium python3.11-doc
 sysdeps:
-	@for pkg in $(SYSDEPS); do command -v $$pkg >/dev/null 2>&1 && continue; \
+	@for pkg in $(SYSDEPS); do { command -v $$pkg || dpkg -s $$pkg; } >/dev/null 2>&1 && continue; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null 2>&1; then SUDO="sudo -n"; else SUDO=none; fi; \
 	  if [ "$$SUDO" = none ] || ! command -v apt-get >/dev/null 2>&1; then \
 	    echo "WARNING: cannot install $$pkg here (needs apt-get as root); the tests that need it will skip"; \

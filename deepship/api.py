@@ -164,6 +164,29 @@ def distill(ctx: ModelContext, student: str | None = None, temperature: float = 
     return ctx.build(name, "distill", "kd", params, parent)
 
 
+def finetune(ctx: ModelContext, text: str, opts: Any, name: str | None = None) -> Variant:
+    """The torch variant ``lora-TEXT`` (or ``qlora-TEXT``): LoRA/QLoRA adapters trained on ``text`` and
+    merged into the FP32 base (:mod:`deepship.pipeline.finetune`), built through the cache like any
+    variant; :func:`carry_on` exports it (the GPT: the KV-cache graphs) and quantizes it.
+
+    Args:
+        text: a :data:`deepship.models.gpt.data.DOMAINS` name or a UTF-8 ``.txt`` path.
+        opts: :class:`deepship.pipeline.finetune.LoraOptions`.
+
+    Raises:
+        InputSpecError: not a GPT decoder, or bad options; DataError: unreadable text.
+    """
+    from .models.gpt.data import domain_text
+    from .pipeline import finetune as FT
+
+    FT.check_decoder(ctx)
+    opts.check(ctx.module())
+    domain_text(text)
+    method = "qlora" if opts.qlora else "lora"
+    name = name or f"{method}-{Path(text).stem if text.endswith('.txt') else text}"
+    return ctx.build(name, "finetune", method, FT.stage_params(text, opts), ctx.baseline())
+
+
 def carry_on(ctx: ModelContext, source: Variant, quantize: Sequence[str] = ()) -> list[Variant]:
     """Export a torch variant (pruned, distilled) to ONNX with the parity check, then apply each
     quantize method: variants ``SOURCE-onnx`` and ``SOURCE-<method>``, returned in that order.

@@ -54,14 +54,17 @@ def export_cmd(model: str = typer.Argument(..., help=MODEL_HELP),
                inputs: List[str] = INPUTS, weights: Optional[str] = WEIGHTS, name: Optional[str] = NAME):
     """Export to ONNX (dynamo exporter) and check parity against PyTorch at a second shape."""
     from .. import api
-    from ..utils import check_writable
-
+    from ..errors import OutputPathError
     from ..exporters.onnx import check_opset
+    from ..utils import check_writable
 
     if opset is not None:
         check_opset(opset)
-    dest = check_writable(output or Path("out") / f"{stem(model, name)}.onnx")
     ctx = load(model, inputs, weights, name=name)
+    several = ctx.has_torch and ctx.arch.export_method != "onnx"  # a decoder: prefill + decode graphs
+    if several and output is not None and output.suffix == ".onnx":
+        raise OutputPathError(f"{model} exports several graphs (prefill.onnx, decode.onnx); give a folder with -o")
+    dest = check_writable(output or Path("out") / (f"{stem(model, name)}-onnx" if several else f"{stem(model, name)}.onnx"))
     v = api.export(ctx, opset=opset)
     files = api.publish(v, dest)
     p = v.info["parity"]
@@ -69,8 +72,13 @@ def export_cmd(model: str = typer.Argument(..., help=MODEL_HELP),
     for label in ("example", "second_shape"):
         q = p[label]
         out.print(f"parity at {q['shape']}: max abs {q['max_abs']:.3g}, max rel {q['max_rel']:.3g}", highlight=False)
-    dyn = "; ".join(f"{k}: {', '.join(f'axis {a}={n}' for a, n in d.items())}" for k, d in v.info["dynamic_dims"].items())
-    out.print(f"dynamic dims: {dyn or 'none'}", highlight=False)
+    if "dynamic_dims" in v.info:
+        dyn = "; ".join(f"{k}: {', '.join(f'axis {a}={n}' for a, n in d.items())}" for k, d in v.info["dynamic_dims"].items())
+        out.print(f"dynamic dims: {dyn or 'none'}", highlight=False)
+    if "parity_steps" in v.info:  # a decoder's KV-cache graphs (prefill + decode)
+        s = v.info["parity_steps"]
+        out.print(f"KV-cache graphs {', '.join(v.info.get('graphs', {}))}: {s['steps']} decode steps, max abs logits "
+                  f"{s['max_abs_logits']:.3g}, same argmax {s['same_argmax']:.0%}", highlight=False)
 
 
 @app.command("quantize")
@@ -282,3 +290,58 @@ def distill_cmd(teacher: str = typer.Argument(..., help=MODEL_HELP),
     out.print(f"wrote {dest}/ (models, distill.json, distill.md)", highlight=False)
 
 
+
+
+@app.command("finetune")
+@user_errors
+def finetune_cmd(model: str = typer.Argument("gpt", help="a gpt-family decoder (gpt, gpt-draft)"),
+                 lora: bool = typer.Option(True, "--lora/--no-lora", help="train LoRA adapters (Hu et al. 2021) "
+                                           "on the frozen FP32 base"),
+                 qlora: bool = typer.Option(False, "--qlora", help="QLoRA (Dettmers et al. 2023): the base's linear "
+                                            "weights in NF4 with double quantization (bitsandbytes), adapters FP32"),
+                 text: str = typer.Option("python-docs", "--train-data", help="the new text: python-docs (Debian "
+                                          "python3.11-doc's tutorial) or a UTF-8 .txt file; last 10% held out"),
+                 rank: int = typer.Option(4, help="LoRA rank r"),
+                 alpha: float = typer.Option(8.0, help="LoRA alpha (the update is scaled by alpha / r)"),
+                 targets: str = typer.Option("qkv,proj,fc", help="comma-separated linear layers to adapt "
+                                             "(the GPT's: qkv, proj, fc, out)"),
+                 steps: int = typer.Option(300, help="optimizer steps"),
+                 lr: float = typer.Option(2e-3, help="AdamW learning rate"),
+                 batch_size: int = typer.Option(4, help="windows per step"),
+                 seq_len: int = typer.Option(128, help="tokens per window"),
+                 do_merge: bool = typer.Option(True, "--merge/--no-merge", help="also write merged.safetensors "
+                                               "(QLoRA: merged into the de-quantized FP32 base)"),
+                 full: bool = typer.Option(False, "--full-reference", help="also run a full fine-tune of the same "
+                                           "steps, the reference for the adapter's numbers"),
+                 threads: Optional[int] = THREADS,
+                 output: Optional[Path] = typer.Option(None, "-o", "--output", help="folder for adapter/, "
+                                                       "merged.safetensors and finetune.json (default out/MODEL-lora)")):
+    """Adapt a decoder to new text with LoRA or QLoRA (Hugging Face PEFT); save the adapter in PEFT's format, merge."""
+    from ..errors import InputSpecError
+    from ..models.gpt.data import domain_text
+    from ..pipeline.finetune import LoraOptions, adapt_decoder, check_decoder
+    from ..utils import check_writable
+
+    if not lora and not qlora:
+        raise InputSpecError("--no-lora leaves nothing to train; drop it, or pass --qlora")
+    opts = LoraOptions(rank=rank, alpha=alpha, targets=[t.strip() for t in targets.split(",") if t.strip()],
+                       qlora=qlora, steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, threads=threads)
+    ctx = load(model, None, None, None)
+    check_decoder(ctx)
+    opts.check(ctx.module())
+    domain_text(text)  # refuse unreadable text before any work
+    dest = check_writable(output or Path("out") / f"{stem(model, None)}-{'qlora' if qlora else 'lora'}")
+    r = adapt_decoder(ctx, text, opts, dest, do_merge=do_merge, full_reference=full,
+                      progress=lambda s: err.print(s, highlight=False))
+    b, a = r["before"], r["after"]
+    out.print(f"{r['method']} rank {rank} on {', '.join(opts.targets)}: {r['train']['trainable_params']:,} trainable "
+              f"({r['train']['trainable_share']:.2%}), {r['train']['s_per_step'] * 1e3:.0f} ms/step", highlight=False)
+    out.print(f"held-out perplexity on {text}: {b['domain_ppl']:.1f} -> {a['domain_ppl']:.1f} "
+              f"({r['domain_ppl_reduction']:.0%} lower); on Shakespeare {b['shakespeare_ppl']:.1f} -> "
+              f"{a['shakespeare_ppl']:.1f}", highlight=False)
+    out.print(f"base weights in memory {r['base_bytes_in_memory'] / 1e6:.2f} MB ({r['base_bytes_ratio']:.2f}x FP32); "
+              f"adapter {r['adapter_bytes'] / 1e3:.0f} KB", highlight=False)
+    if "merged" in r:
+        out.print(f"merged: perplexity {r['merged']['domain_ppl']:.1f}, largest logit difference to the unmerged "
+                  f"model {r['merged']['max_abs_logit_diff_vs_unmerged']:.2e}", highlight=False)
+    out.print(f"wrote {dest}/ (adapter/, finetune.json{', merged.safetensors' if 'merged' in r else ''})", highlight=False)

@@ -44,7 +44,7 @@ def export_variant(ctx: ModelContext, opset: int | None = None) -> Variant:
     # before the baseline is cached: a model that cannot run its example inputs leaves nothing behind
     ex = ctx.spec.example_inputs()
     check_runs(ctx.module(), tuple(torch.from_numpy(ex[t.name]) for t in ctx.spec.inputs), ctx.spec)
-    return ctx.build("fp32-onnx", "export", "onnx", {"opset": opset} if opset else {}, ctx.baseline())
+    return ctx.build("fp32-onnx", "export", ctx.arch.export_method, {"opset": opset} if opset else {}, ctx.baseline())
 
 
 def onnx_parent(ctx: ModelContext, opset: int | None = None) -> Variant:

@@ -56,7 +56,7 @@ class StageImpl:
 _STAGES: dict[tuple[str, str], StageImpl] = {}
 
 #: modules of :mod:`deepship.pipeline` whose stages register when imported (loaded on the first lookup)
-BUILTIN_MODULES = ("export", "quantize", "engines", "prune", "distill", "transformers")
+BUILTIN_MODULES = ("export", "quantize", "engines", "prune", "distill", "transformers", "finetune")
 _loaded = False
 
 

@@ -56,6 +56,46 @@ def shakespeare_text() -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
+#: texts of another domain for adapting the GPT (LoRA, :mod:`deepship.pipeline.finetune`): name -> (Debian
+#: package, folder, file glob). The Python tutorial's reST sources: English prose with code, far from Shakespeare.
+DOMAINS = {"python-docs": ("python3.11-doc", "/usr/share/doc/python3.11/html/_sources/tutorial", "*.rst.txt")}
+
+
+@functools.lru_cache(maxsize=4)
+def domain_text(name: str) -> tuple[str, str]:
+    """``(train_text, heldout_text)`` of a :data:`DOMAINS` text (its files in sorted order, joined) or of
+    a UTF-8 ``.txt`` file; the held-out part starts at the first blank line after 90% (as
+    :func:`shakespeare_text`).
+
+    Raises:
+        DataError: an unknown name, a file that is not UTF-8 text, or the text's Debian package is missing.
+    """
+    if name in DOMAINS:
+        package, folder, pattern = DOMAINS[name]
+        files = sorted(Path(folder).glob(pattern))
+        if not files:
+            raise DataError(f"text '{name}' needs Debian's {package} ({folder}); run apt-get install {package}")
+        text = "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
+    elif name.endswith(".txt") and Path(name).is_file():
+        try:
+            text = Path(name).read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{name} is not UTF-8 text (byte {e.start}); give a UTF-8 .txt file") from None
+    else:
+        raise DataError(f"text '{name}' is neither a UTF-8 .txt file nor one of: {', '.join(DOMAINS)}; "
+                        "a decoder adapts to text, not to an .npz")
+    cut = text.find("\n\n", int(len(text) * (1 - HELDOUT_FRACTION)))
+    cut = cut + 2 if cut >= 0 else int(len(text) * (1 - HELDOUT_FRACTION))
+    return text[:cut], text[cut:]
+
+
+def domain_corpus(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(train_ids, heldout_ids)``: int64 token streams of a :data:`DOMAINS` text in the GPT's tokenizer."""
+    train, held = domain_text(name)
+    tok = tokenizer()
+    return (np.asarray(tok.encode(train).ids, dtype=np.int64), np.asarray(tok.encode(held).ids, dtype=np.int64))
+
+
 def tokenizer_hash(recipe: dict | None = None) -> str:
     return stable_hash({"tokenizer": recipe or TOKENIZER_RECIPE, "v": 1})
 
