@@ -12,6 +12,7 @@ import torch
 from deepship.errors import InputSpecError
 from deepship.models import gpt as G
 from deepship.pipeline.arch import gpt as AG
+from deepship.pipeline import finetune as AF
 from deepship.runtimes import generate as R
 from deepship.runtimes import kvcache as K
 from deepship.runtimes import sampling as Smp
@@ -371,8 +372,10 @@ def test_zoo_specs_and_bigram_reference():
     assert G.config_of(dspec).vocab_size == G.config_of(spec).vocab_size
     assert G.config_of(dspec).n_layer < G.config_of(spec).n_layer
     plan = AG.plan(spec, [])
+    lora = (["lora-python-docs", "lora-python-docs-onnx", "lora-python-docs-int4-b32"]
+            if AF.text_available("python-docs") else [])
     assert [p[0] for p in plan] == ["fp32-onnx", "int8-dynamic", "int4-b32", "int4-b128", "pruned-structured-50",
-                                    "pruned-structured-50-onnx", "pruned-structured-50-int4-b32"]
+                                    "pruned-structured-50-onnx", "pruned-structured-50-int4-b32", *lora]
     assert [p[0] for p in AG.plan(dspec, [])] == ["fp32-onnx", "int8-dynamic", "int4-b32", "int4-b128"]
     b = G.bigram_baseline()
     assert b["metric"] == "perplexity" and 10 < b["value"] < G.TARGET.vocab_size

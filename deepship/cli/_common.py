@@ -54,7 +54,8 @@ def quiet_libraries() -> None:
     if os.environ.get("DEEPSHIP_VERBOSE"):
         return
     warnings.filterwarnings("ignore")
-    for name in ("torch", "torch.onnx", "torch._export", "torch.export", "onnxscript", "root"):
+    for name in ("torch", "torch.onnx", "torch._export", "torch.export", "torch.utils._pytree", "onnxscript", "torchao",
+                 "bitsandbytes", "peft", "root"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     logging.getLogger().setLevel(logging.ERROR)
 

@@ -177,6 +177,12 @@ def weight_bytes(model: nn.Module) -> int:
     return total
 
 
+def base_bytes(model: nn.Module) -> int:
+    """Bytes of a PEFT model's frozen base in memory (:func:`weight_bytes` less the trainable adapters)."""
+    return weight_bytes(model.get_base_model()) - sum(p.numel() * p.element_size() for p in model.parameters()
+                                                      if p.requires_grad)
+
+
 def lora_model(base: nn.Module, opts: LoraOptions) -> nn.Module:
     """``base`` (copied, frozen; NF4 targets when ``opts.qlora``) wrapped by PEFT with LoRA on ``opts.targets``.
 
@@ -374,8 +380,7 @@ def adapt_decoder(ctx: Any, text: str, opts: LoraOptions, out_dir: str | Path, d
             "before": before, "after": after}
     adapter = save_adapter(model, out_dir / "adapter", meta)
     res = {**meta, "method": "qlora" if opts.qlora else "lora",
-           "fp32_base_bytes": weight_bytes(base), "base_bytes_in_memory": weight_bytes(model.get_base_model()) -
-           sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad),
+           "fp32_base_bytes": weight_bytes(base), "base_bytes_in_memory": base_bytes(model),
            "adapter_bytes": (adapter / "adapter_model.safetensors").stat().st_size,
            "domain_ppl_reduction": 1 - after["domain_ppl"] / before["domain_ppl"]}
     res["base_bytes_ratio"] = res["base_bytes_in_memory"] / res["fp32_base_bytes"]
@@ -412,6 +417,18 @@ def text_identity(text: str) -> str:
     return "sha256:" + hashlib.sha256(Path(text).read_bytes()).hexdigest()
 
 
+def text_available(text: str) -> bool:
+    """Whether ``text`` (a DOMAINS name or a ``.txt`` path) can be read here (its package is installed)."""
+    from ..errors import DataError
+    from ..models.gpt.data import domain_text
+
+    try:
+        domain_text(text)
+    except DataError:
+        return False
+    return True
+
+
 def stage_params(text: str, opts: LoraOptions) -> dict:
     """The ``finetune`` stage's parameters for ``text`` and ``opts`` (the cache key covers all of them)."""
     d = options_dict(opts)
@@ -421,6 +438,7 @@ def stage_params(text: str, opts: LoraOptions) -> dict:
 
 
 def _adapter_stage(ctx: Any, parent: Any, params: dict, out: Path, qlora: bool) -> tuple[list[str], dict]:
+    from ..models.gpt import config_of
     from ..models.gpt.data import domain_corpus
     from .prune.stages import parent_module, save_torch_variant
 
@@ -430,14 +448,19 @@ def _adapter_stage(ctx: Any, parent: Any, params: dict, out: Path, qlora: bool) 
     module = parent_module(ctx, parent)
     opts.check(module)
     model = lora_model(module, opts)
-    stats = train_lm(model, domain_corpus(params["text"])[0], opts)
+    train_ids, held_ids = domain_corpus(params["text"])
+    cfg = config_of(ctx.spec)
+    window = min(cfg.context, int(opts.seq_len))
+    ppl_before = _ppl(module, cfg, held_ids, window)
+    stats = train_lm(model, train_ids, opts)
     save_adapter(model, out / "adapter", {"model": ctx.spec.name, "options": options_dict(opts), "train": stats})
     merged = merge(model)
+    stats["new_text_ppl"] = {"before": ppl_before, "after": _ppl(merged, cfg, held_ids, window), "window": window}
     files, saved = save_torch_variant(ctx, merged, out)
     if saved.get("arch") is None and parent.info.get("arch") is not None and files[0].endswith(".safetensors"):
         saved["arch"] = parent.info["arch"]
     return files, {**saved, "method": "qlora" if qlora else "lora", "text": params["text"], "train": stats,
-                   "adapter": "adapter/ (PEFT format)", "base_bytes_in_memory": weight_bytes(model.get_base_model()),
+                   "adapter": "adapter/ (PEFT format)", "base_bytes_in_memory": base_bytes(model),
                    "library": "peft (LoRA, merge_and_unload)" + (", bitsandbytes NF4 (QLoRA base)" if qlora else "")}
 
 

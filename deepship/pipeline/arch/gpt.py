@@ -25,12 +25,16 @@ from ...models.spec import ModelSpec
 from ...runtimes.generate import generate, speculative_generate
 from ...runtimes.kvcache import KVLayout, make_runner
 from ...runtimes.session import OrtSession
+from .. import finetune as FT
 from ..adapters import ArchAdapter, register_adapter
 from ..context import ModelContext
 from ..parity import PARITY_STEPS, decode_parity, parity
 from ..prune import ArchSupport, register_architecture
 from ..stages import register_stage
 from ..variants import Variant
+
+#: the new text of the report's LoRA rows (Debian python3.11-doc; the rows are left out where it is missing)
+LORA_TEXT = "python-docs"
 
 #: fine-tune steps after pruning the GPT in the report plan (about 0.3 s a step on 2 cores)
 PRUNE_FINETUNE_STEPS = 300
@@ -40,8 +44,9 @@ def plan(spec: ModelSpec, default_plan: list) -> list:
     """The decoder's report rows: FP32 torch (baseline), FP32 ONNX (prefill + decode graphs with the KV
     cache), INT8 dynamic, INT4 weight-only with block sizes 32 and 128; with ``pruned``, half the
     attention heads and MLP width removed (:func:`pruning_support`) and fine-tuned
-    :data:`PRUNE_FINETUNE_STEPS` steps, carried on to ONNX with the KV cache and INT4 (not for the draft:
-    a spec whose ``extra["draft"]`` is ``None``)."""
+    :data:`PRUNE_FINETUNE_STEPS` steps, carried on to ONNX with the KV cache and INT4; and LoRA adapters
+    trained on :data:`LORA_TEXT` and merged (:mod:`deepship.pipeline.finetune`), carried on the same way
+    (neither for the draft: a spec whose ``extra["draft"]`` is ``None``)."""
     pruned = spec.extra.get("draft") is not None
     rows = [("fp32-onnx", "export", "onnx-kv", {}, "fp32-torch"),
             ("int8-dynamic", "quantize", "int8-dynamic", {}, "fp32-onnx"),
@@ -53,6 +58,11 @@ def plan(spec: ModelSpec, default_plan: list) -> list:
                                              "finetune_steps": PRUNE_FINETUNE_STEPS}, "fp32-torch"),
                  (f"{p}-onnx", "export", "onnx-kv", {}, p),
                  (f"{p}-int4-b32", "quantize", "int4-weight-only", {"block_size": 32}, f"{p}-onnx")]
+        if FT.text_available(LORA_TEXT):  # LoRA on the Python tutorial, merged, carried on to the KV cache and INT4
+            n = f"lora-{LORA_TEXT}"
+            rows += [(n, "finetune", "lora", FT.stage_params(LORA_TEXT, FT.LoraOptions()), "fp32-torch"),
+                     (f"{n}-onnx", "export", "onnx-kv", {}, n),
+                     (f"{n}-int4-b32", "quantize", "int4-weight-only", {"block_size": 32}, f"{n}-onnx")]
     return rows
 
 
