@@ -233,7 +233,8 @@ def test_metrics_have_the_counters(server, digits):
     assert samples[("deepship_requests_total", (("model", "cnn-fp32-onnx"), ("status", "400")))] >= 1
     assert samples[("deepship_requests_total", (("model", "unknown"), ("status", "404")))] >= 1
     assert samples[("deepship_batch_size_count", (("model", "cnn-fp32-onnx"),))] >= 1
-    assert samples[("deepship_request_duration_seconds_count", (("model", "cnn-fp32-onnx"),))] >= 3
+    # this test sent two requests to cnn-fp32-onnx (other tests on the shared server may add more, in any order)
+    assert samples[("deepship_request_duration_seconds_count", (("model", "cnn-fp32-onnx"),))] >= 2
     assert ("deepship_queue_depth", (("model", "cnn-ort-engine"),)) in samples
     assert ("deepship_queue_duration_seconds_count", (("model", "cnn-fp32-onnx"),)) in samples
 
