@@ -176,12 +176,9 @@ def finetune(ctx: ModelContext, text: str, opts: Any, name: str | None = None) -
     Raises:
         InputSpecError: not a GPT decoder, or bad options; DataError: unreadable text.
     """
-    from .models.gpt.data import domain_text
     from .pipeline import finetune as FT
 
-    FT.check_decoder(ctx)
-    opts.check(ctx.module())
-    domain_text(text)
+    FT.validate(ctx, text, opts)
     method = "qlora" if opts.qlora else "lora"
     name = name or f"{method}-{Path(text).stem if text.endswith('.txt') else text}"
     return ctx.build(name, "finetune", method, FT.stage_params(text, opts), ctx.baseline())

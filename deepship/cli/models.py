@@ -290,8 +290,6 @@ def distill_cmd(teacher: str = typer.Argument(..., help=MODEL_HELP),
     out.print(f"wrote {dest}/ (models, distill.json, distill.md)", highlight=False)
 
 
-
-
 @app.command("finetune")
 @user_errors
 def finetune_cmd(model: str = typer.Argument("gpt", help="a gpt-family decoder (gpt, gpt-draft)"),
@@ -318,8 +316,7 @@ def finetune_cmd(model: str = typer.Argument("gpt", help="a gpt-family decoder (
                                                        "merged.safetensors and finetune.json (default out/MODEL-lora)")):
     """Adapt a decoder to new text with LoRA or QLoRA (Hugging Face PEFT); save the adapter in PEFT's format, merge."""
     from ..errors import InputSpecError
-    from ..models.gpt.data import domain_text
-    from ..pipeline.finetune import LoraOptions, adapt_decoder, check_decoder
+    from ..pipeline.finetune import LoraOptions, adapt_decoder
     from ..utils import check_writable
 
     if not lora and not qlora:
@@ -327,10 +324,8 @@ def finetune_cmd(model: str = typer.Argument("gpt", help="a gpt-family decoder (
     opts = LoraOptions(rank=rank, alpha=alpha, targets=[t.strip() for t in targets.split(",") if t.strip()],
                        qlora=qlora, steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, threads=threads)
     ctx = load(model, None, None, None)
-    check_decoder(ctx)
-    opts.check(ctx.module())
-    domain_text(text)  # refuse unreadable text before any work
     dest = check_writable(output or Path("out") / f"{stem(model, None)}-{'qlora' if qlora else 'lora'}")
+    # adapt_decoder validates the model, options and text before it trains or writes anything
     r = adapt_decoder(ctx, text, opts, dest, do_merge=do_merge, full_reference=full,
                       progress=lambda s: err.print(s, highlight=False))
     b, a = r["before"], r["after"]

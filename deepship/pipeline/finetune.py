@@ -339,6 +339,20 @@ def check_decoder(ctx: Any) -> None:
                              f"{ctx.spec.family or 'user'} model")
 
 
+def validate(ctx: Any, text: str, opts: LoraOptions) -> None:
+    """Everything a finetune run checks before any work: a gpt decoder, options that fit its module,
+    and a readable text.
+
+    Raises:
+        InputSpecError: see :func:`check_decoder`, :meth:`LoraOptions.check`; DataError: the text.
+    """
+    from ..models.gpt.data import domain_text
+
+    check_decoder(ctx)
+    opts.check(ctx.module())
+    domain_text(text)
+
+
 def adapt_decoder(ctx: Any, text: str, opts: LoraOptions, out_dir: str | Path, do_merge: bool = True,
                   full_reference: bool = False, progress: Callable[[str], None] | None = None) -> dict:
     """LoRA (or QLoRA) on the zoo's GPT decoder for a new text, with the measures of the issue.
@@ -364,10 +378,9 @@ def adapt_decoder(ctx: Any, text: str, opts: LoraOptions, out_dir: str | Path, d
     from ..models.train import save_weights
     from ..utils import write_json_atomic
 
-    check_decoder(ctx)
+    validate(ctx, text, opts)
     cfg = config_of(ctx.spec)
     base = ctx.module()
-    opts.check(base)
     train_ids, held_ids = domain_corpus(text)
     shakespeare = corpus()[1][:16384]
     window = min(cfg.context, int(opts.seq_len))
@@ -442,11 +455,10 @@ def _adapter_stage(ctx: Any, parent: Any, params: dict, out: Path, qlora: bool) 
     from ..models.gpt.data import domain_corpus
     from .prune.stages import parent_module, save_torch_variant
 
-    check_decoder(ctx)
     names = {f for f in LoraOptions.__dataclass_fields__ if f not in ("qlora",)}
     opts = LoraOptions(**{k: v for k, v in params.items() if k in names}, qlora=qlora)
+    validate(ctx, params["text"], opts)
     module = parent_module(ctx, parent)
-    opts.check(module)
     model = lora_model(module, opts)
     train_ids, held_ids = domain_corpus(params["text"])
     cfg = config_of(ctx.spec)

@@ -50,7 +50,12 @@ def text_path() -> Path:
 @functools.lru_cache(maxsize=1)
 def shakespeare_text() -> tuple[str, str]:
     """``(train_text, heldout_text)``: the held-out part starts at the first blank line after 90%."""
-    text = text_path().read_text(encoding="utf-8")
+    return split_heldout(text_path().read_text(encoding="utf-8"))
+
+
+def split_heldout(text: str) -> tuple[str, str]:
+    """``(train_text, heldout_text)``: the held-out part starts at the first blank line after
+    ``1 - HELDOUT_FRACTION`` of the text (at that point if there is none)."""
     cut = text.find("\n\n", int(len(text) * (1 - HELDOUT_FRACTION)))
     cut = cut + 2 if cut >= 0 else int(len(text) * (1 - HELDOUT_FRACTION))
     return text[:cut], text[cut:]
@@ -61,39 +66,37 @@ def shakespeare_text() -> tuple[str, str]:
 DOMAINS = {"python-docs": ("python3.11-doc", "/usr/share/doc/python3.11/html/_sources/tutorial", "*.rst.txt")}
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=len(DOMAINS))
+def _package_text(name: str) -> str:
+    package, folder, pattern = DOMAINS[name]
+    files = sorted(Path(folder).glob(pattern))
+    if not files:
+        raise DataError(f"text '{name}' needs Debian's {package} ({folder}); run apt-get install {package}")
+    return "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
+
+
 def domain_text(name: str) -> tuple[str, str]:
-    """``(train_text, heldout_text)`` of a :data:`DOMAINS` text (its files in sorted order, joined) or of
-    a UTF-8 ``.txt`` file; the held-out part starts at the first blank line after 90% (as
-    :func:`shakespeare_text`).
+    """``(train_text, heldout_text)`` (:func:`split_heldout`) of a :data:`DOMAINS` text (its files in
+    sorted order, joined; read once per process) or of a UTF-8 ``.txt`` file (read on every call, so
+    an edited file is seen).
 
     Raises:
         DataError: an unknown name, a file that is not UTF-8 text, or the text's Debian package is missing.
     """
     if name in DOMAINS:
-        package, folder, pattern = DOMAINS[name]
-        files = sorted(Path(folder).glob(pattern))
-        if not files:
-            raise DataError(f"text '{name}' needs Debian's {package} ({folder}); run apt-get install {package}")
-        text = "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
-    elif name.endswith(".txt") and Path(name).is_file():
+        return split_heldout(_package_text(name))
+    if name.endswith(".txt") and Path(name).is_file():
         try:
-            text = Path(name).read_text(encoding="utf-8")
+            return split_heldout(Path(name).read_text(encoding="utf-8"))
         except UnicodeDecodeError as e:
             raise DataError(f"{name} is not UTF-8 text (byte {e.start}); give a UTF-8 .txt file") from None
-    else:
-        raise DataError(f"text '{name}' is neither a UTF-8 .txt file nor one of: {', '.join(DOMAINS)}; "
-                        "a decoder adapts to text, not to an .npz")
-    cut = text.find("\n\n", int(len(text) * (1 - HELDOUT_FRACTION)))
-    cut = cut + 2 if cut >= 0 else int(len(text) * (1 - HELDOUT_FRACTION))
-    return text[:cut], text[cut:]
+    raise DataError(f"text '{name}' is neither a UTF-8 .txt file nor one of: {', '.join(DOMAINS)}; "
+                    "a decoder adapts to text, not to an .npz")
 
 
 def domain_corpus(name: str) -> tuple[np.ndarray, np.ndarray]:
-    """``(train_ids, heldout_ids)``: int64 token streams of a :data:`DOMAINS` text in the GPT's tokenizer."""
-    train, held = domain_text(name)
-    tok = tokenizer()
-    return (np.asarray(tok.encode(train).ids, dtype=np.int64), np.asarray(tok.encode(held).ids, dtype=np.int64))
+    """``(train_ids, heldout_ids)``: int64 token streams of a :func:`domain_text` text in the GPT's tokenizer."""
+    return _encode_pair(*domain_text(name))
 
 
 def tokenizer_hash(recipe: dict | None = None) -> str:
@@ -187,7 +190,10 @@ def decode(ids: Sequence[int] | np.ndarray) -> str:
 @functools.lru_cache(maxsize=1)
 def corpus() -> tuple[np.ndarray, np.ndarray]:
     """``(train_ids, heldout_ids)``: int64 token streams of the training and held-out text."""
-    train, held = shakespeare_text()
+    return _encode_pair(*shakespeare_text())
+
+
+def _encode_pair(train: str, held: str) -> tuple[np.ndarray, np.ndarray]:
     tok = tokenizer()
     return (np.asarray(tok.encode(train).ids, dtype=np.int64), np.asarray(tok.encode(held).ids, dtype=np.int64))
 
