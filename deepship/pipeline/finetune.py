@@ -115,16 +115,27 @@ def quantize_nf4(model: nn.Module, targets: Sequence[str] | None = None) -> nn.M
         import bitsandbytes as bnb
     except ImportError as e:  # pragma: no cover - a runtime dependency
         raise ImportError("QLoRA needs bitsandbytes; pip install bitsandbytes") from e
-    for name, mod in list(model.named_modules()):
-        for child_name, child in list(mod.named_children()):
-            if isinstance(child, nn.Linear) and (targets is None or child_name in targets):
-                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                      compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4")
-                q.weight = bnb.nn.Params4bit(child.weight.data.clone(), requires_grad=False,
-                                             compress_statistics=True, quant_type="nf4")
-                if child.bias is not None:
-                    q.bias = nn.Parameter(child.bias.data.clone(), requires_grad=False)
-                setattr(mod, child_name, q.to("cpu"))
+    def nf4(name: str, child: nn.Module) -> nn.Module | None:
+        if not isinstance(child, nn.Linear) or (targets is not None and name not in targets):
+            return None
+        q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                              compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4")
+        q.weight = bnb.nn.Params4bit(child.weight.data.clone(), requires_grad=False,
+                                     compress_statistics=True, quant_type="nf4")
+        if child.bias is not None:
+            q.bias = nn.Parameter(child.bias.data.clone(), requires_grad=False)
+        return q.to("cpu")
+
+    return _replace_children(model, nf4)
+
+
+def _replace_children(model: nn.Module, replace: Callable[[str, nn.Module], nn.Module | None]) -> nn.Module:
+    """Swap (in place) every submodule for which ``replace(attribute_name, child)`` returns a module."""
+    for mod in list(model.modules()):
+        for name, child in list(mod.named_children()):
+            new = replace(name, child)
+            if new is not None:
+                setattr(mod, name, new)
     return model
 
 
@@ -151,11 +162,7 @@ def dequantize_nf4(model: nn.Module) -> nn.Module:
     an FP32 ``nn.Linear`` holding its de-quantized weights."""
     import bitsandbytes as bnb
 
-    for mod in list(model.modules()):
-        for child_name, child in list(mod.named_children()):
-            if isinstance(child, bnb.nn.Linear4bit):
-                setattr(mod, child_name, _dequantized(child))
-    return model
+    return _replace_children(model, lambda _, child: _dequantized(child) if isinstance(child, bnb.nn.Linear4bit) else None)
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -290,7 +297,9 @@ def load_adapter(base: nn.Module, folder: str | Path, qlora: bool | None = None)
         raise InputSpecError(f"{folder} holds no adapter_config.json; give a folder written by optimize finetune")
     meta = json.loads((folder / "deepship.json").read_text()) if (folder / "deepship.json").is_file() else {}
     model = _plain_copy(base)
-    if qlora if qlora is not None else meta.get("options", {}).get("qlora", False):
+    if qlora is None:
+        qlora = bool(meta.get("options", {}).get("qlora", False))
+    if qlora:
         quantize_nf4(model)
     return PeftModel.from_pretrained(model, str(folder))
 
