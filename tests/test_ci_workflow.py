@@ -18,10 +18,8 @@ WORKFLOW = ROOT / "docs" / "ci" / "deepship-gate.yml"
 MODELS = "mlp lstm --methods int8-dynamic --batches 1 --min-time 0.01"
 
 
-def _steps() -> dict[str, dict]:
-    wf = yaml.safe_load(WORKFLOW.read_text())
-    steps = wf["jobs"]["report"]["steps"]
-    return {s.get("name", s.get("uses", "")): s for s in steps}
+def _steps(wf: dict) -> dict[str, dict]:
+    return {s.get("name", s.get("uses", "")): s for s in wf["jobs"]["report"]["steps"]}
 
 
 def _run(line: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -32,7 +30,7 @@ def _run(line: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_workflow_is_valid_and_its_commands_gate_a_regression(tmp_path):
     wf = yaml.safe_load(WORKFLOW.read_text())
     assert set(wf[True]) == {"push", "pull_request"}  # YAML 1.1 reads the key `on` as True
-    steps = _steps()
+    steps = _steps(wf)
     assert "if" not in steps["report"] and steps["gate"]["if"] == "github.event_name == 'pull_request'"
     assert steps["comment"]["with"]["path"] in steps["gate"]["run"]
     # a checkout: the repository's docs/ci and a venv whose optimize is this interpreter's
