@@ -374,7 +374,7 @@ def test_zoo_specs_and_bigram_reference():
     plan = AG.plan(spec, [])
     lora = (["lora-python-docs", "lora-python-docs-onnx", "lora-python-docs-int4-b32"]
             if AF.text_available("python-docs") else [])
-    assert [p[0] for p in plan] == ["fp32-onnx", "int8-dynamic", "int4-b32", "int4-b128", "pruned-structured-50",
+    assert [p[0] for p in plan] == ["fp32-onnx", "fp32-onnx-fused", "int8-dynamic", "int4-b32", "int4-b128", "pruned-structured-50",
                                     "pruned-structured-50-onnx", "pruned-structured-50-int4-b32", *lora]
     assert [p[0] for p in AG.plan(dspec, [])] == ["fp32-onnx", "int8-dynamic", "int4-b32", "int4-b128"]
     b = G.bigram_baseline()

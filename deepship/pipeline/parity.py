@@ -20,7 +20,7 @@ import numpy as np
 from ..errors import ExportError
 from ..exporters.hf import padded_feeds
 from ..models.spec import EXAMPLE_DIM_SIZES, SECOND_DIM_SIZES, ModelSpec
-from ..runtimes.session import OrtSession, TorchSession
+from ..runtimes.session import OrtSession, Session, TorchSession
 
 #: decode steps :func:`decode_parity` runs after the prefill
 PARITY_STEPS = 32
@@ -81,7 +81,7 @@ def padded_parity(reference: Any, spec: ModelSpec, onnx_path: str | Path, atol: 
                   feeds_at=lambda sz: padded_feeds(spec, sz or EXAMPLE_DIM_SIZES, seed=1))
 
 
-def decode_parity(model: Any, cfg: Any, prefill_path: str | Path, decode_path: str | Path, prompt: np.ndarray,
+def decode_parity(model: Any, cfg: Any, prefill: str | Path | Session, decode: str | Path | Session, prompt: np.ndarray,
                   steps: int = PARITY_STEPS, atol: float = 1e-4, rtol: float = 1e-3) -> dict[str, Any]:
     """PyTorch against ONNX Runtime: the prefill of ``prompt``, then ``steps`` decode steps.
 
@@ -90,6 +90,9 @@ def decode_parity(model: Any, cfg: Any, prefill_path: str | Path, decode_path: s
     compared at every step.
 
     Args:
+        prefill, decode: the two graphs' files (opened on 1 thread), or sessions with the plain decoder
+            interface (the same one twice for a single graph, e.g. a
+            :class:`~deepship.runtimes.kvpool.FusedSession`).
         prompt: int64 ``(batch, seq)`` token ids; ``seq + steps`` must fit the context.
 
     Returns:
@@ -102,7 +105,7 @@ def decode_parity(model: Any, cfg: Any, prefill_path: str | Path, decode_path: s
     import torch
 
     prompt = np.asarray(prompt, np.int64)
-    pre, dec = OrtSession(prefill_path, threads=1), OrtSession(decode_path, threads=1)
+    pre, dec = (x if isinstance(x, Session) else OrtSession(x, threads=1) for x in (prefill, decode))
     past_names = [n for n in dec.input_names if n.startswith("past_key_values.")]
     present_names = [f"present.{n.split('.', 1)[1]}" for n in past_names]
     worst = {"logits": 0.0, "cache": 0.0, "rel": 0.0}

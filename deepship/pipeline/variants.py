@@ -23,7 +23,7 @@ from typing import Any
 from ..errors import ArtifactError, OutputPathError
 from ..exporters.onnx import save_onnx
 from ..runtimes.engines import get_backend
-from ..runtimes.session import OrtSession
+from ..runtimes.session import open_onnx
 from ..utils import atomic_dir, atomic_file, cache_root, ensure_dir, sha256_file, stable_hash
 
 #: variant formats: ``engine:<backend>`` for any backend of :mod:`deepship.runtimes.engines`
@@ -155,7 +155,7 @@ def open_variant_session(v: Variant, ctx: Any = None, threads: int | None = None
         ArtifactError: the format has no runtime here.
     """
     if v.format == "onnx":
-        return OrtSession(v.path, threads=threads)
+        return open_onnx(v.path, threads=threads)
     if v.format.startswith("engine:"):
         return get_backend(v.format.split(":", 1)[1]).session(v, threads=threads)
     if v.format == "torch":

@@ -315,7 +315,8 @@ class RecomputeRunner(KVRunner):
 
 def make_runner(session: Session, layout: KVLayout, prefill_session: Session | None = None,
                 mode: str = "auto") -> KVRunner:
-    """A runner for ``session``. ``"auto"`` picks ``"arrays"``: on the CPU, binding 2 x layers + 2 names
+    """A runner for ``session``. A fused-attention graph (:mod:`deepship.exporters.fused`) gets a
+    :class:`~deepship.runtimes.kvpool.FusedRunner` whatever the mode. Else ``"auto"`` picks ``"arrays"``: on the CPU, binding 2 x layers + 2 names
     per step through the Python IOBinding API costs more than it saves (about 0.5 against 0.37 ms per
     decode step of ``gpt`` at batch 1; see docs/gpt.md), since ``InferenceSession.run`` already feeds
     numpy arrays without a copy and returns its outputs without one. ``"iobinding"`` keeps the
@@ -328,6 +329,10 @@ def make_runner(session: Session, layout: KVLayout, prefill_session: Session | N
         InputSpecError: an unknown mode, IOBinding on a non-ONNX Runtime session, or a session whose
             inputs/outputs do not follow the KV-cache names.
     """
+    from .kvpool import FusedRunner, fused_graph
+
+    if fused_graph(session) is not None:  # the fused-attention graph updates its cache in place: one runner fits
+        return FusedRunner(fused_graph(session), layout)
     if mode == "recompute":
         return RecomputeRunner(prefill_session or session, layout)
     missing = [n for n in ["input_ids"] + layout.past_names if n not in session.input_names]

@@ -191,3 +191,17 @@ class OrtSession(Session):
             return a
         want = tuple(d if isinstance(d, int) else n for d, n in zip(shape, a.shape))
         return a if want == a.shape else np.zeros(want, a.dtype)
+
+
+def open_onnx(path: str | os.PathLike, threads: int | None = None, providers: Sequence[str] | None = None) -> Session:
+    """An :class:`OrtSession` of an ``.onnx`` file; for the fused-attention decoder graph
+    (:mod:`deepship.exporters.fused`) a :class:`~deepship.runtimes.kvpool.FusedSession` over it, which
+    gives it the plain decoder interface every other decoder variant has.
+
+    Raises:
+        ArtifactError: as :class:`OrtSession`.
+    """
+    from .kvpool import FusedSession, is_fused
+
+    s = OrtSession(path, providers=providers, threads=threads)
+    return FusedSession(s) if is_fused(s.input_names) else s

@@ -69,6 +69,10 @@ class ServerConfig:
         max_body_bytes: largest request body accepted, in bytes (larger: 413).
         max_connections: concurrent connections uvicorn accepts before answering 503 itself.
         threads: intra-op threads per model session (default: all cores but one).
+        kv_slots: KV-cache slots per fused-attention decoder, i.e. generations decoded together by
+            continuous batching (:mod:`deepship.serving.scheduler`); more requests wait in a queue of
+            ``batching.max_queue_size`` and beyond that get 503.
+        prefill_chunk: prompt tokens a decoder feeds per scheduler step (chunked prefill).
     """
 
     host: str = "127.0.0.1"
@@ -77,6 +81,8 @@ class ServerConfig:
     max_body_bytes: int = 16 * 2 ** 20
     max_connections: int = 2048
     threads: int | None = None
+    kv_slots: int = 32
+    prefill_chunk: int = 128
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,6 +108,7 @@ class InferenceServer:
         }
         self.ready = False
         self.extensions: list[str] = []
+        self.on_stop: list = []  # callables run at shutdown (an extension's worker threads)
 
     async def start(self) -> None:
         for b in self.batchers.values():
@@ -111,6 +118,8 @@ class InferenceServer:
     async def stop(self) -> None:
         self.ready = False
         await asyncio.gather(*(b.stop() for b in self.batchers.values()))
+        for fn in self.on_stop:
+            fn()
 
     def model(self, name: str, version: str | None = None) -> ServedModel:
         """The served model ``name``.

@@ -48,10 +48,12 @@ from ..errors import DeepshipError, InputSpecError
 from ..runtimes.generate import check_max_new_tokens, check_prompt, speculative_generate
 from ..runtimes.generate import generate as gen_loop
 from ..runtimes.kvcache import KVLayout, make_runner
+from ..runtimes.kvpool import fused_graph
 from ..runtimes.sampling import Sampling
 from .extensions import register_extension
 from .protocol import RequestError
 from .repository import ServedModel
+from .scheduler import Cancelled, DecodeScheduler, GenRequest, PoolFull
 
 #: Generations that run at once per model (each in a worker thread).
 MAX_STREAMS = 4
@@ -98,6 +100,18 @@ def _params(body: dict) -> dict:
     return p
 
 
+@dataclass
+class _Job:
+    """A validated generation request."""
+
+    ids: np.ndarray
+    max_tokens: int
+    sampling: Sampling
+    stop_ids: Any
+    run: Any  # run(on_tokens) -> GenerationResult, the per-request path
+    draft: str | None
+
+
 class GenerateExtension:
     """The ``generate`` serving extension (see the module docstring)."""
 
@@ -112,6 +126,15 @@ class GenerateExtension:
         slots = {n: asyncio.Semaphore(MAX_STREAMS) for n in decoders}
         waiting = {n: 0 for n in decoders}
         tokens_counter = server.metrics.generated_tokens
+        schedulers: dict[str, DecodeScheduler] = {}
+        for n, d in decoders.items():
+            if (graph := fused_graph(d.model.session)) is not None:
+                n_slots = server.config.kv_slots
+                observe = server.metrics.generation_observer(n, n_slots, d.layout.cache_bytes(n_slots, d.layout.context))
+                sch = DecodeScheduler(graph, d.layout, slots=n_slots, max_queue=cfg.max_queue_size,
+                                      chunk=server.config.prefill_chunk, observe=observe, name=n)
+                schedulers[n] = sch
+                server.on_stop.append(sch.close)
 
         def lookup(name: str, version: str | None) -> Decoder:
             m = server.model(name, version)
@@ -121,8 +144,8 @@ class GenerateExtension:
                                    "use /infer for it", 400)
             return d
 
-        def prepare(d: Decoder, body: bytes):
-            """Validate the request; returns ``(run(on_tokens) -> GenerationResult, prompt_len)``."""
+        def prepare(d: Decoder, body: bytes) -> _Job:
+            """Validate the request (every check the loop makes first, before any event is sent)."""
             try:
                 req = orjson.loads(body or b"{}")
                 assert isinstance(req, dict)
@@ -151,30 +174,22 @@ class GenerateExtension:
                 stop_ids = d.stop_ids(stops)
                 sampling = Sampling(greedy=temperature <= 0, temperature=temperature if temperature > 0 else 1.0,
                                     top_k=top_k, top_p=top_p, seed=seed)
-                runner = make_runner(d.model.session, d.layout)
-                draft = None
-                if p.get("speculative"):
-                    draft = draft_for(d, p.get("draft"))
-                    draft_runner = make_runner(draft.model.session, draft.layout)
-                    if k <= 0:
-                        raise InputSpecError(f"k {k} must be a positive integer (draft tokens proposed per round)")
-            except DeepshipError as e:
-                raise RequestError(str(e), 400) from None
-
-            def run(on_tokens):
-                if draft is not None:
-                    return speculative_generate(runner, draft_runner, ids, max_tokens, k=k, sampling=sampling,
-                                                stop_tokens=stop_ids, on_tokens=on_tokens)
-                return gen_loop(runner, ids, max_tokens, sampling=sampling, stop_tokens=stop_ids, on_tokens=on_tokens)
-
-            # the checks the loop makes first (prompt, limits, sampling), before any event is sent
-            try:
                 check_prompt(ids, d.layout)
                 check_max_new_tokens(max_tokens, "max_tokens")
                 sampling.check(d.layout.vocab_size)
+                draft = None
+                if p.get("speculative"):
+                    draft = draft_for(d, p.get("draft"))
+                    if k <= 0:
+                        raise InputSpecError(f"k {k} must be a positive integer (draft tokens proposed per round)")
+                run = None  # continuous batching: decoded in the decoder's batch
+                if draft is not None or d.model.name not in schedulers:  # its own runner in a worker thread
+                    run = _solo_run(make_runner(d.model.session, d.layout),
+                                    make_runner(draft.model.session, draft.layout) if draft is not None else None,
+                                    ids, max_tokens, k, sampling, stop_ids)
             except DeepshipError as e:
                 raise RequestError(str(e), 400) from None
-            return run, int(ids.shape[1]), (draft.model.name if draft is not None else None)
+            return _Job(ids[0], max_tokens, sampling, stop_ids, run, draft.model.name if draft is not None else None)
 
         def draft_for(d: Decoder, name: str | None) -> Decoder:
             if name:
@@ -218,48 +233,53 @@ class GenerateExtension:
                 out.update(draft=draft, acceptance_rate=res.acceptance_rate, k=res.k)
             return out
 
-        def start(d: Decoder, run, on_tokens, t0: float, on_done) -> asyncio.Future:
-            """Run ``run(on_tokens)`` in a worker thread; the model's slot is released and the request
-            counted when the thread ends (even if the client has gone and nobody awaits it)."""
-            fut = asyncio.get_running_loop().run_in_executor(None, run, on_tokens)
-
+        def counted(d: Decoder, fut: asyncio.Future, t0: float, release) -> asyncio.Future:
+            """Count the request (and release its stream slot) when ``fut`` ends, even if the client has
+            gone and nobody awaits it."""
             def finished(f: asyncio.Future) -> None:
-                slots[d.model.name].release()
+                release()
                 ok = not f.cancelled() and f.exception() is None
                 if ok:
                     tokens_counter.labels(d.model.name).inc(f.result().new_tokens)
-                server.metrics.request(d.model.name, 200 if ok else on_done(f), time.perf_counter() - t0)
+                gone = not f.cancelled() and isinstance(f.exception(), (_ClientGone, Cancelled))
+                server.metrics.request(d.model.name, 200 if ok else 499 if gone else 500, time.perf_counter() - t0)
 
             fut.add_done_callback(finished)
             return fut
-
-        def failed_status(f: asyncio.Future) -> int:
-            return 499 if not f.cancelled() and isinstance(f.exception(), _ClientGone) else 500
 
         def refuse(name: str, e: RequestError, t0: float) -> None:
             server.metrics.request(name if server.repository.get(name) else "unknown", e.status,
                                    time.perf_counter() - t0)
 
-        async def admitted(name: str, request: Request, version: str | None, t0: float):
-            """Look up, validate and admit a request; ``(decoder, run, prompt length, draft name)``."""
+        async def launch(name: str, request: Request, version: str | None, t0: float, on_tokens):
+            """Look up, validate, admit and start a request: ``(decoder, future, prompt length, draft name,
+            cancel)``; the future resolves to its :class:`~deepship.runtimes.generate.GenerationResult`."""
             try:
                 d = lookup(name, version)
-                run, plen, draft = prepare(d, await request.body())
+                job = prepare(d, await request.body())
+                if job.run is None:  # continuous batching: a slot of the decoder's pool, or 503
+                    greq = GenRequest(job.ids, job.max_tokens, job.sampling, frozenset(job.stop_ids), on_tokens)
+                    try:
+                        cf = schedulers[d.model.name].submit(greq)
+                    except PoolFull as e:
+                        raise RequestError(str(e), 503, cfg.retry_after_s) from None
+                    fut = counted(d, asyncio.wrap_future(cf), t0, lambda: None)
+                    return d, fut, len(job.ids), None, greq.cancel
                 await admit(d.model.name)
             except RequestError as e:
                 refuse(name, e, t0)
                 raise
-            return d, run, plen, draft
+            fut = asyncio.get_running_loop().run_in_executor(None, job.run, on_tokens)
+            return d, counted(d, fut, t0, slots[d.model.name].release), len(job.ids), job.draft, lambda: None
 
         async def generate(name: str, request: Request, version: str | None = None):
             t0 = time.perf_counter()
-            d, run, plen, draft = await admitted(name, request, version, t0)
-            res = await asyncio.shield(start(d, run, None, t0, failed_status))
+            d, fut, plen, draft, _ = await launch(name, request, version, t0, None)
+            res = await asyncio.shield(fut)
             return Response(orjson.dumps(result_body(d, res, plen, draft)), 200, media_type="application/json")
 
         async def generate_stream(name: str, request: Request, version: str | None = None):
             t0 = time.perf_counter()
-            d, run, plen, draft = await admitted(name, request, version, t0)
             loop = asyncio.get_running_loop()
             queue: asyncio.Queue = asyncio.Queue()
             gone = threading.Event()
@@ -269,40 +289,58 @@ class GenerateExtension:
                     raise _ClientGone()
                 loop.call_soon_threadsafe(queue.put_nowait, [int(t) for t in new[0] if t >= 0])
 
-            fut = start(d, run, on_tokens, t0, failed_status)
+            d, fut, plen, draft, cancel = await launch(name, request, version, t0, on_tokens)
             fut.add_done_callback(lambda f: queue.put_nowait(f))
-            return StreamingResponse(_events(d, queue, gone, plen, draft), media_type="text/event-stream",
+            return StreamingResponse(_events(d, queue, gone, cancel, plen, draft), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
 
-        async def _events(d: Decoder, queue: asyncio.Queue, gone: threading.Event, plen: int, draft: str | None):
+        async def _events(d: Decoder, queue: asyncio.Queue, gone: threading.Event, cancel, plen: int,
+                          draft: str | None):
             label = d.model.name
             toks: list[int] = []
             sent = ""
             try:
                 while True:
-                    item = await queue.get()
-                    if isinstance(item, asyncio.Future):  # the generation has ended
-                        if item.cancelled() or item.exception() is not None:
-                            e = item.exception() if not item.cancelled() else RuntimeError("cancelled")
+                    items = [await queue.get()]
+                    while not queue.empty():  # a client that fell behind gets the tokens so far in one event
+                        items.append(queue.get_nowait())
+                    end = next((x for x in items if isinstance(x, asyncio.Future)), None)
+                    new = [t for x in items if not isinstance(x, asyncio.Future) for t in x]
+                    toks.extend(new)
+                    text = d.decode(toks) if toks else ""
+                    if new and end is None and not text.endswith("\ufffd"):  # not inside a multi-byte character
+                        delta, sent = text[len(sent):], text
+                        yield _sse({"model_name": label, "model_version": "1", "text_output": delta, "tokens": new})
+                    elif new and end is None:
+                        continue
+                    if end is not None:  # the generation has ended
+                        if end.cancelled() or end.exception() is not None:
+                            e = end.exception() if not end.cancelled() else RuntimeError("cancelled")
                             yield _sse({"model_name": label, "error": f"{type(e).__name__}: {str(e)[:160]}"})
                             return
-                        final = result_body(d, item.result(), plen, draft)
-                        final["text_output"] = d.decode(toks)[len(sent):] if toks else ""
+                        final = result_body(d, end.result(), plen, draft)
+                        final["text_output"] = text[len(sent):]
                         final["final"] = True
                         yield _sse(final)
                         return
-                    toks.extend(item)
-                    text = d.decode(toks)
-                    if text.endswith("\ufffd"):  # inside a multi-byte character: wait for more
-                        continue
-                    delta, sent = text[len(sent):], text
-                    yield _sse({"model_name": label, "model_version": "1", "text_output": delta, "tokens": item})
             finally:
                 gone.set()  # a client that went away stops the generation at its next step
+                cancel()
 
         for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
             app.post(prefix + "/generate")(generate)
             app.post(prefix + "/generate_stream")(generate_stream)
+
+
+def _solo_run(runner, draft_runner, ids, max_tokens: int, k: int, sampling: Sampling, stop_ids):
+    """``run(on_tokens) -> GenerationResult`` for one request on its own runner (and draft)."""
+    def run(on_tokens):
+        if draft_runner is not None:
+            return speculative_generate(runner, draft_runner, ids, max_tokens, k=k, sampling=sampling,
+                                        stop_tokens=stop_ids, on_tokens=on_tokens)
+        return gen_loop(runner, ids, max_tokens, sampling=sampling, stop_tokens=stop_ids, on_tokens=on_tokens)
+
+    return run
 
 
 def _sse(obj: dict) -> bytes:

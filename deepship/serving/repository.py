@@ -34,7 +34,7 @@ from ..errors import ArtifactError, DeepshipError, InputSpecError, StageError
 from ..models.spec import TensorSpec, parse_input_spec
 from ..pipeline.variants import Variant
 from ..runtimes.engines import get_backend
-from ..runtimes.session import OrtSession
+from ..runtimes.session import open_onnx
 from ..utils import first_line, sha256_file
 from .protocol import ORT_TO_NUMPY
 
@@ -299,7 +299,7 @@ def open_source(src: ModelSource, threads: int | None = None):
         ArtifactError: missing or corrupt model, missing external data, unknown format.
     """
     if src.format == "onnx":
-        return OrtSession(src.path, threads=threads)
+        return open_onnx(src.path, threads=threads)
     if src.format.startswith("engine:"):
         try:
             return get_backend(src.format.split(":", 1)[1]).session(src.variant, threads=threads)

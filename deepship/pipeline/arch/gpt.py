@@ -4,6 +4,9 @@ and decoding measures, and the decoder's variants and generation runners.
 - ``("export", "onnx-kv")`` (torch -> onnx): :func:`deepship.exporters.kv.export_kv` (prefill and
   decode-step graphs sharing their weights), then parity of each graph at two shapes and over 32
   decode steps on held-out text (:func:`deepship.pipeline.parity.decode_parity`).
+- ``("export", "onnx-kv-fused")`` (torch -> onnx): :func:`deepship.exporters.fused.export_fused` (one
+  graph with ONNX Runtime's fused GroupQueryAttention and an in-place cache: the graph continuous
+  batching serves), with the same 32-step parity.
 - Pruning support for :class:`~deepship.models.gpt.GPT` (:func:`pruning_support`): whole attention
   heads and MLP units with torch-pruning.
 - The report plan (:func:`plan`) and measures (:func:`report_measures`: prefill ms, decode tokens/s at
@@ -18,12 +21,14 @@ from typing import Any
 import numpy as np
 
 from ...errors import StageError
+from ...exporters.fused import FUSED_FILE, FUSED_OPSET, export_fused
 from ...exporters.kv import DECODE_FILE, PREFILL_FILE, export_kv, flat_inputs, graph_spec
 from ...exporters.onnx import DEFAULT_OPSET
 from ...models.gpt import GPT, REPORT_PROMPT_TOKENS, GPTConfig, config_of, draft_spec, heldout_prompts
 from ...models.spec import ModelSpec
 from ...runtimes.generate import generate, speculative_generate
 from ...runtimes.kvcache import KVLayout, make_runner
+from ...runtimes.kvpool import FusedSession
 from ...runtimes.session import OrtSession
 from .. import finetune as FT
 from ..adapters import ArchAdapter, register_adapter
@@ -42,13 +47,15 @@ PRUNE_FINETUNE_STEPS = 300
 
 def plan(spec: ModelSpec, default_plan: list) -> list:
     """The decoder's report rows: FP32 torch (baseline), FP32 ONNX (prefill + decode graphs with the KV
-    cache), INT8 dynamic, INT4 weight-only with block sizes 32 and 128; with ``pruned``, half the
+    cache), FP32 ONNX with fused attention (``fp32-onnx-fused``: the graph that continuous batching
+    serves, :mod:`deepship.exporters.fused`), INT8 dynamic, INT4 weight-only with block sizes 32 and 128; with ``pruned``, half the
     attention heads and MLP width removed (:func:`pruning_support`) and fine-tuned
     :data:`PRUNE_FINETUNE_STEPS` steps, carried on to ONNX with the KV cache and INT4; and LoRA adapters
     trained on :data:`LORA_TEXT` and merged (:mod:`deepship.pipeline.finetune`), carried on the same way
     (neither for the draft: a spec whose ``extra["draft"]`` is ``None``)."""
     pruned = spec.extra.get("draft") is not None
     rows = [("fp32-onnx", "export", "onnx-kv", {}, "fp32-torch"),
+            ("fp32-onnx-fused", "export", "onnx-kv-fused", {}, "fp32-torch"),
             ("int8-dynamic", "quantize", "int8-dynamic", {}, "fp32-onnx"),
             ("int4-b32", "quantize", "int4-weight-only", {"block_size": 32}, "fp32-onnx"),
             ("int4-b128", "quantize", "int4-weight-only", {"block_size": 128}, "fp32-onnx")]
@@ -245,6 +252,19 @@ def check_kv_export(module: Any, cfg: GPTConfig, res: Any, prompt: np.ndarray | 
         prompt = heldout_prompts(2, 16) if prompt is None else prompt
         out["steps"] = decode_parity(module, cfg, res.prefill, res.decode, prompt, steps=steps)
     return out
+
+
+@register_stage("export", "onnx-kv-fused", "torch", "onnx")
+def _export_fused_stage(ctx: ModelContext, parent: Variant, params: dict, out: Path):
+    """torch -> one ONNX graph with GroupQueryAttention and an in-place fixed-size cache, parity over 32 steps."""
+    module = ctx.torch_session(parent).module.eval()
+    cfg = variant_config(ctx, parent)
+    path = export_fused(module, cfg, out / FUSED_FILE)
+    session = FusedSession(OrtSession(path, threads=1))
+    steps = int(params.get("steps", PARITY_STEPS))
+    par = decode_parity(module, cfg, session, session, heldout_prompts(2, 16), steps=steps) if steps else None
+    return [path.name], {"opset": FUSED_OPSET, "parity_steps": par, "graphs": {"decode": FUSED_FILE},
+                         "attention": "com.microsoft.GroupQueryAttention", "exporter": "deepship.exporters.fused (onnx.helper)"}
 
 
 @register_stage("export", "onnx-kv", "torch", "onnx")

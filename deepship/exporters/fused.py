@@ -1,0 +1,157 @@
+"""The GPT decoder as one ONNX graph with fused attention (ONNX Runtime's ``GroupQueryAttention``) and
+a fixed-size KV cache that the graph updates in place.
+
+Why a second decoder graph: the plain graphs of :mod:`deepship.exporters.kv` concatenate past and new
+keys/values (one copy of the whole cache per layer per step) and give every row of a batch the same
+past length, so rows that joined at different times cannot share a decode step. ONNX Runtime's
+``com.microsoft.GroupQueryAttention`` contrib op (used here with ``kv_num_heads == num_heads``, i.e.
+plain multi-head attention) takes per-row cache lengths (``seqlens_k``), applies the causal mask
+itself, and when its ``present`` outputs are bound to the same buffers as its ``past`` inputs
+(IOBinding) writes the new keys/values into them in place. That is what continuous batching over a
+bounded pool of cache slots needs (:mod:`deepship.runtimes.kvpool`).
+
+The graph is written node by node from the module's weights with ``onnx.helper``, the way ONNX
+Runtime GenAI's model builder (``onnxruntime_genai.models.builder``) writes its decoders, since
+``torch.onnx.export`` has no translation of a PyTorch attention to the contrib op.
+
+| name | dtype | shape | meaning |
+|---|---|---|---|
+| ``input_ids`` (in) | int64 | ``[batch, seq]`` | new tokens |
+| ``position_ids`` (in) | int64 | ``[batch, seq]`` | their absolute positions (row ``i``: ``len_i .. len_i + seq - 1``) |
+| ``seqlens_k`` (in) | int32 | ``[batch]`` | per row, cached tokens after this call minus 1 (``len_i + seq - 1``) |
+| ``total_sequence_length`` (in) | int32 | scalar | ``max_i(len_i + seq)`` |
+| ``past_key_values.{i}.key/value`` (in) | float32 | ``[batch, n_head, context, head_dim]`` | the cache buffers |
+| ``logits`` (out) | float32 | ``[batch, seq, vocab]`` | next-token logits |
+| ``present.{i}.key/value`` (out) | float32 | ``[batch, n_head, context, head_dim]`` | the same buffers, updated |
+
+The CPU kernel handles a batch of one-token steps at different lengths, one row with several new
+tokens after a cache (a prefill chunk, a speculative verification pass) and a batch of equal prompts
+on empty caches; it refuses several rows with several new tokens after a cache ("batch_size must be 1
+when sequence_length > 1 and past context is given", ONNX Runtime 1.32), which the runtimes then feed
+row by row (:mod:`deepship.runtimes.kvpool`).
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ExportError
+
+FUSED_FILE = "decode.onnx"
+#: ``com.microsoft`` opset of the contrib ops
+MS_OPSET = 1
+FUSED_OPSET = 17
+
+
+def fused_input_names(n_layer: int) -> list[str]:
+    """Input names of the fused graph, in order."""
+    return ["input_ids", "position_ids", "seqlens_k", "total_sequence_length"] + [
+        f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+
+
+def export_fused(model: Any, cfg: Any, path: str | Path) -> Path:
+    """Write the fused-attention decoder graph of a GPT module to ``path`` (atomically).
+
+    Args:
+        model: a :class:`deepship.models.gpt.GPT` (its weights are read; fused or unfused q/k/v).
+        cfg: its :class:`~deepship.models.gpt.GPTConfig` (``n_layer``, ``n_head``, ``head_dim``,
+            ``vocab_size``, ``context``).
+        path: the ``.onnx`` file to write; weights are stored inline (the model is a few MB).
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ExportError: the module does not have the GPT layout (a weight is missing or mis-shaped).
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    path = Path(path)
+    sd = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
+    H, D, L = cfg.n_head, cfg.head_dim, cfg.n_layer
+    C = H * D
+    inits: list = []
+    nodes: list = []
+
+    def w(name: str, arr: np.ndarray) -> str:
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(arr, np.float32), name))
+        return name
+
+    def get(key: str) -> np.ndarray:
+        if key not in sd:
+            raise ExportError(f"the module has no weight '{key}'; export_fused takes a deepship GPT")
+        return sd[key]
+
+    def node(op: str, ins: list[str], outs: list[str], domain: str = "", **attrs) -> str:
+        nodes.append(helper.make_node(op, ins, outs, name=outs[0], domain=domain, **attrs))
+        return outs[0]
+
+    def linear(x: str, prefix: str, out: str) -> str:
+        wt = w(f"{prefix}.weight_t", get(f"{prefix}.weight").T)
+        y = node("MatMul", [x, wt], [out + "_mm"])
+        return node("Add", [y, w(f"{prefix}.bias", get(f"{prefix}.bias"))], [out])
+
+    def layernorm(x: str, prefix: str, out: str) -> str:
+        return node("LayerNormalization", [x, w(f"{prefix}.weight", get(f"{prefix}.weight")),
+                                           w(f"{prefix}.bias", get(f"{prefix}.bias"))], [out], axis=-1, epsilon=1e-5)
+
+    tok = w("tok_emb.weight", get("tok_emb.weight"))
+    if get("tok_emb.weight").shape != (cfg.vocab_size, cfg.d_model):
+        raise ExportError(f"tok_emb.weight has shape {get('tok_emb.weight').shape}, the config says "
+                          f"({cfg.vocab_size}, {cfg.d_model}); pass the module's own config")
+    te = node("Gather", [tok, "input_ids"], ["tok"], axis=0)
+    pe = node("Gather", [w("pos_emb.weight", get("pos_emb.weight")), "position_ids"], ["pos"], axis=0)
+    x = node("Add", [te, pe], ["x0"])
+    for i in range(L):
+        p = f"blocks.{i}"
+        h = layernorm(x, f"{p}.ln1", f"h{i}")
+        if f"{p}.attn.qkv.weight" not in sd:  # unfused during pruning: fuse here
+            for part in ("weight", "bias"):
+                sd[f"{p}.attn.qkv.{part}"] = np.concatenate([get(f"{p}.attn.{n}.{part}") for n in "qkv"])
+        if get(f"{p}.attn.qkv.weight").shape[0] != 3 * C:
+            raise ExportError(f"{p}.attn.qkv has {get(f'{p}.attn.qkv.weight').shape[0]} outputs, not 3 x {C}; "
+                              "pass the module's own config (n_head, head_size)")
+        qkv = linear(h, f"{p}.attn.qkv", f"qkv{i}")
+        q, k, v = f"q{i}", f"k{i}", f"v{i}"
+        if i == 0:
+            inits.append(numpy_helper.from_array(np.array([C, C, C], np.int64), "qkv_split"))
+        nodes.append(helper.make_node("Split", [qkv, "qkv_split"], [q, k, v], name=f"split{i}", axis=2))
+        att = node("GroupQueryAttention", [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value",
+                                           "seqlens_k", "total_sequence_length"],
+                   [f"att{i}", f"present.{i}.key", f"present.{i}.value"], domain="com.microsoft",
+                   num_heads=H, kv_num_heads=H, scale=1.0 / math.sqrt(D))
+        x = node("Add", [x, linear(att, f"{p}.attn.proj", f"proj{i}")], [f"xa{i}"])
+        h2 = layernorm(x, f"{p}.ln2", f"h2_{i}")
+        g = node("Gelu", [linear(h2, f"{p}.fc", f"fc{i}")], [f"gelu{i}"], domain="com.microsoft")
+        x = node("Add", [x, linear(g, f"{p}.out", f"out{i}")], [f"x{i + 1}"])
+    hf = layernorm(x, "ln_f", "hf")
+    node("MatMul", [hf, w("lm_head.weight_t", get("tok_emb.weight").T)], ["logits"])
+
+    f32, i64, i32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
+    cache = ["batch", H, cfg.context, D]
+    inputs = [helper.make_tensor_value_info("input_ids", i64, ["batch", "seq"]),
+              helper.make_tensor_value_info("position_ids", i64, ["batch", "seq"]),
+              helper.make_tensor_value_info("seqlens_k", i32, ["batch"]),
+              helper.make_tensor_value_info("total_sequence_length", i32, [])]
+    inputs += [helper.make_tensor_value_info(n, f32, cache) for n in fused_input_names(L)[4:]]
+    outputs = [helper.make_tensor_value_info("logits", f32, ["batch", "seq", cfg.vocab_size])]
+    outputs += [helper.make_tensor_value_info(f"present.{i}.{kv}", f32, cache) for i in range(L) for kv in ("key", "value")]
+    graph = helper.make_graph(nodes, "gpt_fused_attention", inputs, outputs, inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", FUSED_OPSET),
+                                                helper.make_opsetid("com.microsoft", MS_OPSET)],
+                          producer_name="deepship.exporters.fused")
+    m.ir_version = 8
+    try:
+        onnx.checker.check_model(m)
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"the fused graph is invalid: {str(e).splitlines()[0]}") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    onnx.save_model(m, str(tmp))
+    os.replace(tmp, path)
+    return path
