@@ -376,7 +376,7 @@ def test_zoo_specs_and_bigram_reference():
             if AF.text_available("python-docs") else [])
     assert [p[0] for p in plan] == ["fp32-onnx", "fp32-onnx-fused", "int8-dynamic", "int4-b32", "int4-b128", "pruned-structured-50",
                                     "pruned-structured-50-onnx", "pruned-structured-50-int4-b32", *lora]
-    assert [p[0] for p in AG.plan(dspec, [])] == ["fp32-onnx", "int8-dynamic", "int4-b32", "int4-b128"]
+    assert [p[0] for p in AG.plan(dspec, [])] == ["fp32-onnx", "fp32-onnx-fused", "int8-dynamic", "int4-b32", "int4-b128"]
     b = G.bigram_baseline()
     assert b["metric"] == "perplexity" and 10 < b["value"] < G.TARGET.vocab_size
 
