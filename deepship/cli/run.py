@@ -26,17 +26,24 @@ def serve_cmd(refs: List[str] = typer.Argument(..., help="a report.json, or .onn
               max_queue_size: int = typer.Option(256, help="most queued requests per model; more get 503"),
               timeout: float = typer.Option(10.0, help="per-request timeout, s"),
               max_body_mb: float = typer.Option(16.0, help="largest request body, MiB"),
-              threads: Optional[int] = typer.Option(None, help="intra-op threads per model (default: cores - 1)")):
-    """Serve variants over the Open Inference Protocol (KServe v2 / Triton REST) with dynamic batching."""
+              threads: Optional[int] = typer.Option(None, help="intra-op threads per model (default: cores - 1)"),
+              kv_slots: int = typer.Option(32, help="fused-attention decoders: KV-cache slots, i.e. generations "
+                                           "decoded together (continuous batching)"),
+              prefill_chunk: int = typer.Option(128, help="fused-attention decoders: prompt tokens fed per decode "
+                                                "step (chunked prefill)")):
+    """Serve variants over the Open Inference Protocol (KServe v2 / Triton REST) with dynamic batching,
+    and continuous batching of generation for fused-attention decoders."""
     from ..serving import BatcherConfig, ServerConfig, serve
     from ..serving.repository import ServingError
 
     if not 0 <= port <= 65535:
         raise ServingError(f"--port {port} is not a TCP port; give 1 to 65535 (0: any free port)")
-    if max_batch_size < 1 or max_queue_size < 1 or timeout <= 0 or max_body_mb <= 0 or max_queue_delay_ms < 0:
-        raise ServingError("--max-batch-size, --max-queue-size, --timeout and --max-body-mb must be positive "
-                           "and --max-queue-delay-ms non-negative")
+    if (max_batch_size < 1 or max_queue_size < 1 or timeout <= 0 or max_body_mb <= 0 or max_queue_delay_ms < 0
+            or kv_slots < 1 or prefill_chunk < 1):
+        raise ServingError("--max-batch-size, --max-queue-size, --timeout, --max-body-mb, --kv-slots and "
+                           "--prefill-chunk must be positive and --max-queue-delay-ms non-negative")
     cfg = ServerConfig(host=host, port=port, threads=threads, max_body_bytes=int(max_body_mb * 2 ** 20),
+                       kv_slots=kv_slots, prefill_chunk=prefill_chunk,
                        batching=BatcherConfig(batching, max_batch_size, max_queue_delay_ms, max_queue_size, timeout))
     serve(refs, cfg, variants=variant or None, models=model or None,
           log=lambda s: err.print(s, highlight=False, soft_wrap=True))

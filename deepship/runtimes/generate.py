@@ -16,9 +16,11 @@ whose outputs are ``logits`` and ``present.{i}.key/value`` (the Optimum / ONNX R
   :class:`ArrayKVRunner` for this model size (the ``2 * n_layer + 2`` bind calls per step cost more
   than the allocations they avoid); it is the structure that pays when the cache lives on a GPU.
   In both, the graph's own ``Concat`` of past and new keys/values remains, one copy of the cache per
-  layer per step: plain ONNX ops cannot update a tensor in place (ONNX Runtime's
-  ``GroupQueryAttention`` contrib op can, with a fixed-size shared buffer, but its CPU kernel rejects
-  batch > 1 with several new tokens, which verification and batched prefill need).
+  layer per step: plain ONNX ops cannot update a tensor in place.
+- :class:`~deepship.runtimes.kvpool.FusedRunner`: the fused-attention graph
+  (:mod:`deepship.exporters.fused`, ONNX Runtime's ``GroupQueryAttention`` with a fixed-size cache
+  updated in place); :func:`~deepship.runtimes.kvcache.make_runner` picks it for that graph. Its CPU
+  kernel refuses several rows with several new tokens after a cache; those run row by row.
 - :class:`RecomputeRunner`: no cache; every step runs the whole sequence again (the baseline).
 
 **Sampling** (:class:`Sampling`): greedy, or sampling at a temperature with top-k and/or top-p

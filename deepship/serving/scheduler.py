@@ -8,9 +8,10 @@ Orca's iteration-level scheduler (Yu et al., OSDI 2022) and vLLM's do:
    :meth:`DecodeScheduler.submit` raises :class:`PoolFull` (the server answers 503 with Retry-After).
    The pool is allocated once, so memory does not grow with load.
 2. **Chunked prefill** (Sarathi, Agrawal et al. 2023): each iteration feeds at most ``chunk`` prompt
-   tokens of the request being admitted (one row, in place into its slot), so a long prompt delays
-   the running batch by one chunk per step, not by its whole prefill. When its prompt is in, the
-   request samples its first token (time to first token) and joins the batch at the next step.
+   tokens in all (a token budget), one row at a time in place into its slot: the rest of a long
+   prompt, or several short ones in turn; so a long prompt delays the running batch by one chunk per
+   step, not by its whole prefill. When its prompt is in, a request samples its first token (time to
+   first token) and joins the batch at the next step.
 3. **One decode step** for every running row at once (``(rows, 1)`` tokens, each row at its own
    length), then per-row sampling with each request's own parameters and seeded generator (greedy
    and sampled requests mix), streaming callbacks, and stop checks. Finished or cancelled rows leave
@@ -116,6 +117,14 @@ class DecodeScheduler:
         if chunk < 1 or max_queue < 0:
             raise InputSpecError(f"prefill chunk {chunk} must be >= 1 and the queue {max_queue} >= 0")
         self.pool = KVPool(session, layout, slots)
+        # warm-up: every shape a call can have (decode steps of 1..slots rows, prefill chunks of 1..chunk
+        # tokens), so no request pays ONNX Runtime's first run of a shape (measured: about 3 ms each)
+        for n in range(1, slots + 1):
+            self.pool.run(0, np.zeros((n, 1), np.int64))
+            self.pool.lengths[:] = 0
+        for t in range(2, min(chunk, layout.context) + 1):
+            self.pool.run(0, np.zeros((1, t), np.int64))
+            self.pool.lengths[:] = 0
         self.layout, self.slots, self.max_queue, self.chunk = layout, slots, max_queue, chunk
         self.observe = observe or (lambda event, **kw: None)
         self.waiting: collections.deque[GenRequest] = collections.deque()
@@ -171,9 +180,7 @@ class DecodeScheduler:
                     self._cv.wait()
                 if self._closed:
                     break
-                if self.prefilling is None and self.waiting and self.in_use < self.slots:
-                    self.prefilling = self.waiting.popleft()
-                    self.pool.lengths[len(self.running)] = 0
+                self._admit()
                 self.observe("occupancy", slots_in_use=self.in_use, queue=len(self.waiting))
             try:
                 self._iteration()
@@ -187,24 +194,38 @@ class DecodeScheduler:
             self.waiting.clear()
             self.running, self.prefilling = [], None
 
-    def _iteration(self) -> None:
-        r = self.prefilling
-        if r is not None:
+    def _admit(self) -> None:
+        """The next waiting request takes the slot after the running rows, if one is free (hold ``_cv``)."""
+        if self.prefilling is None and self.waiting and self.in_use < self.slots:
+            self.prefilling = self.waiting.popleft()
+            self.pool.lengths[len(self.running)] = 0
+
+    def _prefill(self) -> None:
+        """Feed up to ``chunk`` prompt tokens in all, to the request being admitted and, when its prompt
+        is in, to the next ones (Sarathi's token budget per step)."""
+        budget = self.chunk
+        while budget > 0 and (r := self.prefilling) is not None:
             if r.cancelled:
                 self.prefilling = None
                 _fail(r, Cancelled("cancelled"))
             else:
-                row = len(self.running)
-                part = r.ids[r.fed: r.fed + self.chunk]
-                logits = self.pool.run(row, part[None])
+                part = r.ids[r.fed: r.fed + budget]
+                logits = self.pool.run(len(self.running), part[None])
                 r.fed += len(part)
-                if r.fed == len(r.ids):  # prompt in: first token, then it joins the batch
-                    self.prefilling = None
-                    now = time.perf_counter()
-                    r.t_first = r.t_last = now
-                    self.observe("ttft", seconds=now - r.t_submit)
-                    if self._emit(r, int(pick(logits[:, -1], r.sampling, r.rng)[0]), now):
-                        self.running.append(r)
+                budget -= len(part)
+                if r.fed < len(r.ids):
+                    return
+                now = time.perf_counter()  # prompt in: first token, then it joins the batch
+                r.t_first = r.t_last = now
+                self.observe("ttft", seconds=now - r.t_submit)
+                if self._emit(r, int(pick(logits[:, -1], r.sampling, r.rng)[0]), now):
+                    self.running.append(r)  # its row, len(running), is where it was prefilled
+                self.prefilling = None  # after: it holds its slot all along (admission counts it)
+            with self._cv:
+                self._admit()
+
+    def _iteration(self) -> None:
+        self._prefill()
         live = [i for i, q in enumerate(self.running) if not q.cancelled]
         if len(live) < len(self.running):
             self._leave([i for i in range(len(self.running)) if i not in set(live)], Cancelled("cancelled"))

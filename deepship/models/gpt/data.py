@@ -173,6 +173,12 @@ def stop_token_ids(stops: Sequence[str]) -> list[int]:
     return out
 
 
+@functools.lru_cache(maxsize=1)
+def _vocab_size() -> int:
+    # tokenizers' get_vocab_size() rebuilds the vocabulary on every call (0.06 ms, more than decoding 128 tokens)
+    return tokenizer().get_vocab_size()
+
+
 def decode(ids: Sequence[int] | np.ndarray) -> str:
     """Text of token ids (``<|endoftext|>`` dropped).
 
@@ -180,7 +186,7 @@ def decode(ids: Sequence[int] | np.ndarray) -> str:
         InputSpecError: an id outside the vocabulary.
     """
     ids = [int(i) for i in np.asarray(ids).reshape(-1)]
-    v = tokenizer().get_vocab_size()
+    v = _vocab_size()
     bad = [i for i in ids if not 0 <= i < v]
     if bad:
         raise InputSpecError(f"token id {bad[0]} is outside the vocabulary [0, {v}); use ids from this tokenizer")
