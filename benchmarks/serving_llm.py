@@ -25,6 +25,9 @@ What it measures (traffic to 127.0.0.1 only; every part bounded in requests or s
 4. **Speculative decoding with batching**: one greedy request with ``speculative: true`` (draft
    ``gpt-draft`` fp32-onnx, k=4) against the fused target, alone and while 31 batched clients run,
    against the same request without it.
+5. **LoRA adapters served unmerged**: the report's ``lora-python-docs`` adapter on the fused
+   decoder (``--adapter``); 32 clients, every other one asking for it, against all 32 on the base
+   model; the base rows must stay the direct loop's.
 
 Writes ``benchmarks/results/serving_llm.json``. Run from the repository root::
 
@@ -304,6 +307,33 @@ def main() -> None:
     finally:
         srv.stop()
 
+    # 5. LoRA adapters served unmerged: half the 32 clients ask for the report's python-docs adapter
+    adapter_dir = Path(ctx.build_planned("lora-python-docs", AG.plan(ctx.spec, [])).dir) / "adapter"
+    srv = Server([str(report), "--kv-slots", str(args.clients), "--model", "gpt", "--adapter",
+                  f"python-docs={adapter_dir}", *sthreads])
+    try:
+        lora = {"adapter": str(adapter_dir), "rounds": []}
+        asyncio.run(run_clients(srv.port, "gpt-fp32-onnx-fused", prompts[:8], 16, True))  # warm-up
+
+        async def mixed():
+            t0 = time.perf_counter()
+            res = await asyncio.gather(*(sse_request(srv.port, "gpt-fp32-onnx-fused", {
+                "text_input": p, "parameters": {"max_tokens": args.max_tokens, **({"adapter": "python-docs"} if i % 2 else {})}})
+                for i, p in enumerate(prompts)))
+            return time.perf_counter() - t0, list(res)
+
+        for _ in range(args.rounds):
+            wall, res = asyncio.run(run_clients(srv.port, "gpt-fp32-onnx-fused", prompts, args.max_tokens, True))
+            base = summarize(wall, res, refs)
+            wall, res = asyncio.run(mixed())
+            lora["rounds"].append({"all_base_tokens_per_s": base["tokens_per_s"],
+                                   "half_adapter_tokens_per_s": round(sum(len(r["tokens"]) for r in res) / wall, 1),
+                                   "base_rows_identical": sum(r["tokens"] == ref for r, ref in zip(res[::2], refs[::2])),
+                                   "adapter_rows_differ_from_base": sum(r["tokens"] != ref for r, ref in zip(res[1::2], refs[1::2]))})
+        out["adapters"] = lora
+    finally:
+        srv.stop()
+
     # 2. overload at 2x capacity
     queue = 8
     srv = Server([str(report), "--kv-slots", str(args.clients), "--max-queue-size", str(queue), "--model", "gpt", *sthreads])
@@ -332,6 +362,7 @@ def main() -> None:
     for r in out["prefill"]["rows"]:
         print(r["prompt_tokens"], r["ms"], r["fused_speedup"], r["fused_chunk128_speedup"], r["torch_sdpa_speedup"])
     print("speculative", json.dumps(out["speculative"], indent=1))
+    print("adapters", json.dumps(out["adapters"], indent=1))
 
 
 if __name__ == "__main__":

@@ -239,3 +239,107 @@ def test_greedy_generate_on_the_fused_decoder_and_its_runner(server, fused):
     runner = make_runner(sess, layout)
     assert isinstance(runner, FusedRunner)
     assert res.json()["tokens"] == generate(runner, G.encode("ROMEO:\nWhat say you"), 16).row(0).tolist()
+
+
+# ---- several LoRA adapters on one served base, chosen per request ------------------------------------
+
+@pytest.fixture(scope="module")
+def adapters(zoo_ctx, tmp_path_factory):
+    """Two PEFT adapters on ``gpt`` with seeded random LoRA weights (rank 4 and rank 2, different targets)."""
+    import torch
+
+    from deepship.pipeline import finetune as FT
+
+    ctx = zoo_ctx("gpt")
+    out = {}
+    for name, seed, rank, targets in (("a", 1, 4, ["qkv", "proj", "fc"]), ("b", 2, 2, ["fc"])):
+        model = FT.lora_model(ctx.module(), FT.LoraOptions(rank=rank, alpha=2 * rank, targets=targets))
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_" in n:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        out[name] = (FT.save_adapter(model, tmp_path_factory.mktemp("adapters") / name, {"model": "gpt"}), model)
+    return out
+
+
+def test_lora_branches_equal_the_peft_models_per_row(fused, adapters):
+    import onnx
+    import torch
+
+    from deepship.exporters.fused import add_lora, read_peft_adapter
+
+    ctx, v, _, layout = fused
+    graph = add_lora(onnx.load(str(v.path)), [read_peft_adapter(adapters[n][0]) for n in ("a", "b")])
+    sess = OrtSession(v.path, threads=1, model=graph)
+    ids = G.heldout_prompts(1, 24)
+    with torch.no_grad():
+        want = [ctx.module()(torch.from_numpy(ids))[0].numpy()] + [adapters[n][1](torch.from_numpy(ids))[0].numpy()
+                                                                  for n in ("a", "b")]
+    pool = KVPool(sess, layout, 3)
+    for i in range(3):
+        np.testing.assert_allclose(pool.run(i, ids, np.array([i])), want[i], atol=1e-4)
+    step = pool.run(0, np.array([[5], [5], [5]]), np.array([0, 1, 2]))[:, -1]  # three adapters in one step
+    for i in range(3):
+        r = FusedRunner(sess, layout, adapter=i)
+        r.reset(1)
+        r.forward(ids)
+        np.testing.assert_allclose(step[i], r.forward(np.array([[5]]))[0, -1], atol=1e-4)
+    assert np.abs(want[1] - want[0]).max() > 0.1  # the adapters change the outputs
+
+
+def test_served_adapters_are_picked_per_request(fused, adapters, tmp_path):
+    ctx, v, _, layout = fused
+    models = [{"model": "gpt", "inputs": [str(t) for t in ctx.spec.inputs],
+               "variants": [{"variant": "fp32-onnx-fused", "format": "onnx", "status": "ok", "precision": "fp32",
+                             "artifact": str(v.path)}]}]
+    p = tmp_path / "report.json"
+    p.write_text(json.dumps({"schema_version": 1, "models": models}))
+    cfg = ServerConfig(port=0, threads=1, kv_slots=4, adapters={n: str(adapters[n][0]) for n in ("a", "b")})
+    srv = InferenceServer(load_repository([str(p)]), cfg)
+    with start_in_thread(srv) as running:
+        sch = next(fn.__self__ for fn in srv.on_stop if isinstance(getattr(fn, "__self__", None), DecodeScheduler))
+        url = f"{running.url}/v2/models/{NAME}/generate"
+        results = {}
+
+        def client(adapter):
+            body = {"text_input": "ROMEO:\nWhat say you", "parameters": {"max_tokens": 20}}
+            if adapter:
+                body["parameters"]["adapter"] = adapter
+            results[adapter] = post(url, body).json()
+
+        threads = [threading.Thread(target=client, args=(a,)) for a in (None, "a", "b")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        for i, a in enumerate((None, "a", "b")):
+            direct = generate(FusedRunner(sch.pool.session, layout, adapter=i), G.encode("ROMEO:\nWhat say you"), 20)
+            assert results[a]["tokens"] == direct.row(0).tolist()
+            assert results[a].get("adapter") == a
+        assert results["a"]["tokens"] != results[None]["tokens"]
+        bad = post(url, {"text_input": "x", "parameters": {"adapter": "c"}})
+        assert bad.status_code == 400 and "adapters: a, b" in bad.json()["error"]
+        spec = post(url, {"text_input": "x", "parameters": {"adapter": "a", "speculative": True}})
+        assert spec.status_code == 400
+
+
+def test_an_adapter_for_another_model_fails_start_up(fused, adapters, tmp_path):
+    import shutil
+
+    from deepship.serving.app import create_app
+    from deepship.serving.repository import ServingError
+
+    ctx, v, _, _ = fused
+    other = tmp_path / "other"
+    shutil.copytree(adapters["a"][0], other)
+    (other / "deepship.json").write_text(json.dumps({"model": "gpt-draft"}))
+    models = [{"model": "gpt", "inputs": [str(t) for t in ctx.spec.inputs],
+               "variants": [{"variant": "fp32-onnx-fused", "format": "onnx", "status": "ok", "precision": "fp32",
+                             "artifact": str(v.path)}]}]
+    p = tmp_path / "report.json"
+    p.write_text(json.dumps({"schema_version": 1, "models": models}))
+    srv = InferenceServer(load_repository([str(p)]), ServerConfig(port=0, threads=1, kv_slots=2,
+                                                                  adapters={"x": str(other)}))
+    with pytest.raises(ServingError, match="--adapter x: no served fused-attention decoder"):
+        create_app(srv)

@@ -30,7 +30,10 @@ def serve_cmd(refs: List[str] = typer.Argument(..., help="a report.json, or .onn
               kv_slots: int = typer.Option(32, help="fused-attention decoders: KV-cache slots, i.e. generations "
                                            "decoded together (continuous batching)"),
               prefill_chunk: int = typer.Option(128, help="fused-attention decoders: prompt tokens fed per decode "
-                                                "step (chunked prefill)")):
+                                                "step (chunked prefill)"),
+              adapter: List[str] = typer.Option(None, "--adapter", help="NAME=FOLDER: a LoRA adapter (PEFT format, "
+                                                "from optimize finetune) served unmerged on the fused decoder it "
+                                                "was trained for; requests pick it with parameters.adapter (repeat)")):
     """Serve variants over the Open Inference Protocol (KServe v2 / Triton REST) with dynamic batching,
     and continuous batching of generation for fused-attention decoders."""
     from ..serving import BatcherConfig, ServerConfig, serve
@@ -42,8 +45,14 @@ def serve_cmd(refs: List[str] = typer.Argument(..., help="a report.json, or .onn
             or kv_slots < 1 or prefill_chunk < 1):
         raise ServingError("--max-batch-size, --max-queue-size, --timeout, --max-body-mb, --kv-slots and "
                            "--prefill-chunk must be positive and --max-queue-delay-ms non-negative")
+    adapters = {}
+    for a in adapter or []:
+        name, sep, folder = a.partition("=")
+        if not sep or not name or not folder:
+            raise ServingError(f"--adapter {a!r} is not NAME=FOLDER; e.g. --adapter python-docs=out/gpt-lora/adapter")
+        adapters[name] = folder
     cfg = ServerConfig(host=host, port=port, threads=threads, max_body_bytes=int(max_body_mb * 2 ** 20),
-                       kv_slots=kv_slots, prefill_chunk=prefill_chunk,
+                       kv_slots=kv_slots, prefill_chunk=prefill_chunk, adapters=adapters,
                        batching=BatcherConfig(batching, max_batch_size, max_queue_delay_ms, max_queue_size, timeout))
     serve(refs, cfg, variants=variant or None, models=model or None,
           log=lambda s: err.print(s, highlight=False, soft_wrap=True))

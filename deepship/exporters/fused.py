@@ -155,3 +155,118 @@ def export_fused(model: Any, cfg: Any, path: str | Path) -> Path:
     onnx.save_model(m, str(tmp))
     os.replace(tmp, path)
     return path
+
+
+# ---- unmerged LoRA adapters, several at once, chosen per row ------------------------------------------
+
+#: input of a graph with adapters: int64 ``[batch]``, the adapter of each row (0: none, the base model)
+ADAPTER_INPUT = "adapter_ids"
+
+
+def read_peft_adapter(folder: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The LoRA weights of an adapter saved in PEFT's format (``adapter_config.json`` +
+    ``adapter_model.safetensors``, as ``optimize finetune`` writes them), read with NumPy only.
+
+    Returns:
+        ``{module path (e.g. "blocks.0.attn.qkv"): (A float32 (r, in), B float32 (out, r) * lora_alpha / r)}``
+        (the scale folded into ``B``; rsLoRA's ``alpha / sqrt(r)`` when the config says so).
+
+    Raises:
+        ExportError: no adapter there, not a LoRA adapter, or DoRA/bias/modules_to_save, which a
+            low-rank branch cannot express.
+    """
+    import json
+
+    from safetensors.numpy import load_file
+
+    folder = Path(folder)
+    cfg_path, w_path = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    if not cfg_path.is_file() or not w_path.is_file():
+        raise ExportError(f"{folder} holds no PEFT adapter (adapter_config.json + adapter_model.safetensors); "
+                          "give a folder written by optimize finetune")
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("peft_type") != "LORA" or cfg.get("use_dora") or cfg.get("bias", "none") != "none" \
+            or cfg.get("modules_to_save"):
+        raise ExportError(f"{folder}: only plain LoRA adapters are served unmerged (no DoRA, bias or modules_to_save); "
+                          "merge this one (optimize finetune --merge) and serve the merged model")
+    weights = load_file(str(w_path))
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for key, a in weights.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        path = key[: -len(".lora_A.weight")].removeprefix("base_model.model.")
+        b = weights[key.replace(".lora_A.", ".lora_B.")]
+        r = a.shape[0]
+        alpha = float(cfg.get("alpha_pattern", {}).get(path.rsplit(".", 1)[-1], cfg["lora_alpha"]))
+        r_cfg = int(cfg.get("rank_pattern", {}).get(path.rsplit(".", 1)[-1], r))
+        scale = alpha / (math.sqrt(r_cfg) if cfg.get("use_rslora") else r_cfg)
+        out[path] = (a.astype(np.float32), (b * scale).astype(np.float32))
+    if not out:
+        raise ExportError(f"{folder}: adapter_model.safetensors has no lora_A/lora_B weights")
+    return out
+
+
+def add_lora(model: Any, adapters: list[dict[str, tuple[np.ndarray, np.ndarray]]]) -> Any:
+    """A copy of a fused decoder graph (:func:`export_fused`) with unmerged LoRA branches (Hu et al.
+    2021) for several adapters at once, chosen per row by the input :data:`ADAPTER_INPUT`.
+
+    Every linear that some adapter adapts gets ``y = x W + b + x A_g^T B_g^T``, with ``A_g``, ``B_g``
+    the row's adapter gathered from stacks ``[n + 1, in, r]`` and ``[n + 1, r, out]`` (index 0 is all
+    zeros: the base model; an adapter that leaves a linear alone is zeros there; ranks are padded with
+    zeros to the largest): the batched gather-matmul of the multi-LoRA servers (Punica's BGMV, Chen et
+    al. 2023; S-LoRA, Sheng et al. 2023), in standard ONNX ops.
+
+    Args:
+        model: the fused graph's ``onnx.ModelProto`` (not changed).
+        adapters: per adapter, :func:`read_peft_adapter`'s dict; adapter ``i`` gets index ``i + 1``.
+
+    Returns:
+        the new ``onnx.ModelProto`` (weights inline).
+
+    Raises:
+        ExportError: an adapter names a linear the graph does not have, or its shapes do not fit.
+    """
+    import copy
+
+    from onnx import TensorProto, helper, numpy_helper
+
+    m = copy.deepcopy(model)
+    g = m.graph
+    by_weight = {n.input[1]: n for n in g.node if n.op_type == "MatMul" and len(n.input) == 2}
+    shapes = {i.name: tuple(i.dims) for i in g.initializer}
+    paths = sorted({p for a in adapters for p in a})
+    nodes = list(g.node)
+    for path in paths:
+        w_name = f"{path}.weight_t"
+        mm = by_weight.get(w_name)
+        if mm is None:
+            raise ExportError(f"an adapter adapts '{path}', which the decoder graph has no linear for; "
+                              "serve it with the model it was trained on")
+        d_in, d_out = shapes[w_name]
+        rank = max(a[path][0].shape[0] for a in adapters if path in a)
+        at = np.zeros((len(adapters) + 1, d_in, rank), np.float32)
+        bt = np.zeros((len(adapters) + 1, rank, d_out), np.float32)
+        for i, a in enumerate(adapters, start=1):
+            if path in a:
+                A, B = a[path]
+                if A.shape[1] != d_in or B.shape[0] != d_out:
+                    raise ExportError(f"adapter {i}: '{path}' has A {A.shape} and B {B.shape}, the graph's linear is "
+                                      f"{d_in} -> {d_out}; serve it with the model it was trained on")
+                at[i, :, : A.shape[0]] = A.T
+                bt[i, : A.shape[0]] = B.T
+        g.initializer.extend([numpy_helper.from_array(at, f"{path}.lora_At"), numpy_helper.from_array(bt, f"{path}.lora_Bt")])
+        x, y = mm.input[0], mm.output[0]
+        new = [helper.make_node("Gather", [f"{path}.lora_At", ADAPTER_INPUT], [f"{path}.lora_a"], name=f"{path}.lora_a", axis=0),
+               helper.make_node("Gather", [f"{path}.lora_Bt", ADAPTER_INPUT], [f"{path}.lora_b"], name=f"{path}.lora_b", axis=0),
+               helper.make_node("MatMul", [x, f"{path}.lora_a"], [f"{path}.lora_xa"], name=f"{path}.lora_xa"),
+               helper.make_node("MatMul", [f"{path}.lora_xa", f"{path}.lora_b"], [f"{path}.lora_y"], name=f"{path}.lora_y"),
+               helper.make_node("Add", [y, f"{path}.lora_y"], [f"{y}_lora"], name=f"{y}_lora")]
+        for n in nodes:  # the consumers of the base product now read base + LoRA
+            for j, inp in enumerate(n.input):
+                if inp == y:
+                    n.input[j] = f"{y}_lora"
+        nodes[nodes.index(mm) + 1: nodes.index(mm) + 1] = new
+    del g.node[:]
+    g.node.extend(nodes)
+    g.input.append(helper.make_tensor_value_info(ADAPTER_INPUT, TensorProto.INT64, ["batch"]))
+    return m

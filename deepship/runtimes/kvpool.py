@@ -76,6 +76,7 @@ class KVPool:
         self.lengths = np.zeros(slots, np.int64)
         self._past, self._present = layout.past_names, layout.present_names
         self._bindings: dict[tuple[int, int], Any] = {}
+        self.has_adapters = "adapter_ids" in session.input_names
 
     def _binding(self, lo: int, hi: int):
         """An IOBinding with rows ``lo:hi`` of every buffer bound as past and present (cached)."""
@@ -90,8 +91,10 @@ class KVPool:
             self._bindings[(lo, hi)] = io
         return io
 
-    def run(self, lo: int, ids: np.ndarray) -> np.ndarray:
-        """Feed int64 ``ids`` ``(rows, seq)`` to rows ``lo .. lo + rows - 1`` after their cached tokens.
+    def run(self, lo: int, ids: np.ndarray, adapters: np.ndarray | None = None) -> np.ndarray:
+        """Feed int64 ``ids`` ``(rows, seq)`` to rows ``lo .. lo + rows - 1`` after their cached tokens;
+        ``adapters``: int64 ``(rows,)``, each row's LoRA adapter index for a graph with adapters
+        (:func:`deepship.exporters.fused.add_lora`; default 0, the base model).
 
         One row with any ``seq`` (a prompt, a prefill chunk, a verification pass), several rows with
         ``seq == 1`` (a decode step), or several empty rows with equal prompts. Their lengths grow by
@@ -117,6 +120,9 @@ class KVPool:
         io.bind_cpu_input("position_ids", lens[:, None] + np.arange(seq, dtype=np.int64)[None])
         io.bind_cpu_input("seqlens_k", (lens + seq - 1).astype(np.int32))
         io.bind_cpu_input("total_sequence_length", np.array(int(lens.max()) + seq, np.int32))
+        if self.has_adapters:
+            io.bind_cpu_input("adapter_ids", np.zeros(rows, np.int64) if adapters is None
+                              else np.ascontiguousarray(adapters, np.int64))
         io.bind_output("logits")  # unallocated again: its shape follows seq
         self.session.sess.run_with_iobinding(io)
         self.lengths[lo:hi] += seq
@@ -133,7 +139,8 @@ class KVPool:
 
 
 class FusedRunner(KVRunner):
-    """:class:`~deepship.runtimes.kvcache.KVRunner` over a :class:`KVPool` of the fused graph, at batch 1
+    """:class:`~deepship.runtimes.kvcache.KVRunner` over a :class:`KVPool` of the fused graph (with
+    ``adapter``: that LoRA adapter's index in a graph with adapters), at batch 1
     (the direct generation loop, speculative decoding's target or draft), or over several rows of
     equal length (several new tokens after a cache then run row by row).
 
@@ -141,8 +148,8 @@ class FusedRunner(KVRunner):
         InputSpecError: as :class:`KVPool`.
     """
 
-    def __init__(self, session: Any, layout: KVLayout, slots: int = 1):
-        self.layout = layout
+    def __init__(self, session: Any, layout: KVLayout, slots: int = 1, adapter: int = 0):
+        self.layout, self.adapter = layout, adapter
         self.pool = KVPool(session, layout, slots)
 
     def reset(self, batch: int) -> None:
@@ -154,10 +161,11 @@ class FusedRunner(KVRunner):
     def forward(self, ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, np.int64)
         self._check(ids)
+        ad = np.full(ids.shape[0], self.adapter, np.int64)
         if ids.shape[0] > 1 and ids.shape[1] > 1 and self.length:
-            logits = np.concatenate([self.pool.run(i, ids[i:i + 1]) for i in range(ids.shape[0])])
+            logits = np.concatenate([self.pool.run(i, ids[i:i + 1], ad[:1]) for i in range(ids.shape[0])])
         else:
-            logits = self.pool.run(0, ids)
+            logits = self.pool.run(0, ids, ad)
         self.length += ids.shape[1]
         return logits
 

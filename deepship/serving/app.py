@@ -51,7 +51,7 @@ from .extensions import extensions
 from .metrics import ServingMetrics
 from .protocol import (HEADER_LENGTH, RequestError, decode_infer_request, encode_infer_response, model_config,
                        model_metadata)
-from .repository import ModelRepository, ServedModel, valid_name
+from .repository import ModelRepository, ServedModel, ServingError, valid_name
 
 SERVER_NAME = "deepship"
 #: Protocol extensions every deepship server speaks (``GET /v2``); registered extensions add theirs.
@@ -73,6 +73,9 @@ class ServerConfig:
             continuous batching (:mod:`deepship.serving.scheduler`); more requests wait in a queue of
             ``batching.max_queue_size`` and beyond that get 503.
         prefill_chunk: prompt tokens a decoder feeds per scheduler step (chunked prefill).
+        adapters: LoRA adapters served unmerged on the fused-attention decoders of the model each was
+            trained on: ``{name: PEFT adapter folder}``; a generation request picks one with
+            ``parameters.adapter``.
     """
 
     host: str = "127.0.0.1"
@@ -83,6 +86,7 @@ class ServerConfig:
     threads: int | None = None
     kv_slots: int = 32
     prefill_chunk: int = 128
+    adapters: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -361,6 +365,9 @@ def create_app(server: InferenceServer) -> "InferMiddleware":
         if any(ext.applies(m) for m in server.repository.models.values()):
             ext.install(app, server)
             server.extensions.append(ext.name)
+    if server.config.adapters and "generate" not in server.extensions:
+        raise ServingError(f"--adapter {next(iter(server.config.adapters))}: no KV-cache decoder is served; serve the "
+                           "fp32-onnx-fused row of the model the adapter was trained for")
     # the hot path: POST .../infer is answered in front of FastAPI (no middleware stack, routing or
     # Request objects per inference request)
     return InferMiddleware(app, server)

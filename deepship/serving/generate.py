@@ -11,6 +11,9 @@ given at the top level). Parameters:
 - ``max_tokens`` (default 64): new-token limit; generation also ends at the model's context;
 - ``temperature`` (0 or absent: greedy), ``top_k``, ``top_p``, ``seed``: sampling;
 - ``stop``: strings that end generation, each one token of the tokenizer (e.g. ``"\\n"``);
+- ``adapter``: a LoRA adapter served with ``--adapter NAME=FOLDER`` on a fused-attention decoder
+  (unmerged, several per graph, chosen per row: :func:`deepship.exporters.fused.add_lora`); absent:
+  the base model. Requests with different adapters share decode steps;
 - ``speculative`` (bool), ``draft`` (a served decoder of the same vocabulary; default the served
   ``gpt-draft`` variant of the same precision if any), ``k`` (default 4): speculative decoding
   (:func:`deepship.runtimes.generate.speculative_generate`).
@@ -52,7 +55,7 @@ from ..runtimes.kvpool import fused_graph
 from ..runtimes.sampling import Sampling
 from .extensions import register_extension
 from .protocol import RequestError
-from .repository import ServedModel
+from .repository import ServedModel, ServingError
 from .scheduler import Cancelled, DecodeScheduler, GenRequest, PoolFull
 
 #: Generations that run at once per model (each in a worker thread).
@@ -110,6 +113,8 @@ class _Job:
     stop_ids: Any
     run: Any  # run(on_tokens) -> GenerationResult, the per-request path
     draft: str | None
+    adapter: int = 0  # LoRA adapter index in the decoder's graph (0: the base model)
+    adapter_name: str | None = None
 
 
 class GenerateExtension:
@@ -127,14 +132,25 @@ class GenerateExtension:
         waiting = {n: 0 for n in decoders}
         tokens_counter = server.metrics.generated_tokens
         schedulers: dict[str, DecodeScheduler] = {}
-        for n, d in decoders.items():
-            if (graph := fused_graph(d.model.session)) is not None:
-                n_slots = server.config.kv_slots
-                observe = server.metrics.generation_observer(n, n_slots, d.layout.cache_bytes(n_slots, d.layout.context))
-                sch = DecodeScheduler(graph, d.layout, slots=n_slots, max_queue=cfg.max_queue_size,
-                                      chunk=server.config.prefill_chunk, observe=observe, name=n)
-                schedulers[n] = sch
-                server.on_stop.append(sch.close)
+        fused = {n: g for n, d in decoders.items() if (g := fused_graph(d.model.session)) is not None}
+        attached = {n: _adapters_for(decoders[n], server.config.adapters) for n in fused}
+        unused = set(server.config.adapters) - {a for names in attached.values() for a in names}
+        if unused:
+            raise ServingError(f"--adapter {sorted(unused)[0]}: no served fused-attention decoder of the model it was "
+                               "trained for; serve that model's fp32-onnx-fused row (optimize report MODEL)")
+        # decoder -> adapter name -> its index in the decoder's graph
+        adapter_ids: dict[str, dict[str, int]] = {n: {a: i for i, a in enumerate(attached.get(n, {}), start=1)}
+                                                  for n in decoders}
+        for n, graph in fused.items():
+            d = decoders[n]
+            if attached[n]:
+                graph = _lora_session(graph, d, attached[n])
+            n_slots = server.config.kv_slots
+            observe = server.metrics.generation_observer(n, n_slots, d.layout.cache_bytes(n_slots, d.layout.context))
+            sch = DecodeScheduler(graph, d.layout, slots=n_slots, max_queue=cfg.max_queue_size,
+                                  chunk=server.config.prefill_chunk, observe=observe, name=n)
+            schedulers[n] = sch
+            server.on_stop.append(sch.close)
 
         def lookup(name: str, version: str | None) -> Decoder:
             m = server.model(name, version)
@@ -177,6 +193,7 @@ class GenerateExtension:
                 check_prompt(ids, d.layout)
                 check_max_new_tokens(max_tokens, "max_tokens")
                 sampling.check(d.layout.vocab_size)
+                adapter = _adapter_index(d, p.get("adapter"), adapter_ids[d.model.name], bool(p.get("speculative")))
                 draft = None
                 if p.get("speculative"):
                     draft = draft_for(d, p.get("draft"))
@@ -189,7 +206,8 @@ class GenerateExtension:
                                     ids, max_tokens, k, sampling, stop_ids)
             except DeepshipError as e:
                 raise RequestError(str(e), 400) from None
-            return _Job(ids[0], max_tokens, sampling, stop_ids, run, draft.model.name if draft is not None else None)
+            return _Job(ids[0], max_tokens, sampling, stop_ids, run, draft.model.name if draft is not None else None,
+                        adapter, str(p["adapter"]) if adapter else None)
 
         def draft_for(d: Decoder, name: str | None) -> Decoder:
             if name:
@@ -223,14 +241,16 @@ class GenerateExtension:
             finally:
                 waiting[name] -= 1
 
-        def result_body(d: Decoder, res, plen: int, draft: str | None) -> dict:
+        def result_body(d: Decoder, res, job: _Job) -> dict:
             toks = [int(t) for t in res.row(0)]
             out = {"model_name": d.model.name, "model_version": "1", "text_output": d.decode(toks) if toks else "",
-                   "tokens": toks, "finish_reason": res.finish_reasons[0], "prompt_tokens": plen,
+                   "tokens": toks, "finish_reason": res.finish_reasons[0], "prompt_tokens": len(job.ids),
                    "completion_tokens": len(toks), "prefill_ms": round(res.prefill_ms, 3),
                    "decode_ms": round(res.decode_ms, 3), "tokens_per_s": round(res.tokens_per_s, 1)}
-            if draft is not None:
-                out.update(draft=draft, acceptance_rate=res.acceptance_rate, k=res.k)
+            if job.draft is not None:
+                out.update(draft=job.draft, acceptance_rate=res.acceptance_rate, k=res.k)
+            if job.adapter_name is not None:
+                out["adapter"] = job.adapter_name
             return out
 
         def counted(d: Decoder, fut: asyncio.Future, t0: float, release) -> asyncio.Future:
@@ -252,31 +272,31 @@ class GenerateExtension:
                                    time.perf_counter() - t0)
 
         async def launch(name: str, request: Request, version: str | None, t0: float, on_tokens):
-            """Look up, validate, admit and start a request: ``(decoder, future, prompt length, draft name,
-            cancel)``; the future resolves to its :class:`~deepship.runtimes.generate.GenerationResult`."""
+            """Look up, validate, admit and start a request: ``(decoder, future, job, cancel)``; the future resolves to its :class:`~deepship.runtimes.generate.GenerationResult`."""
             try:
                 d = lookup(name, version)
                 job = prepare(d, await request.body())
                 if job.run is None:  # continuous batching: a slot of the decoder's pool, or 503
-                    greq = GenRequest(job.ids, job.max_tokens, job.sampling, frozenset(job.stop_ids), on_tokens)
+                    greq = GenRequest(job.ids, job.max_tokens, job.sampling, frozenset(job.stop_ids), on_tokens,
+                                      adapter=job.adapter)
                     try:
                         cf = schedulers[d.model.name].submit(greq)
                     except PoolFull as e:
                         raise RequestError(str(e), 503, cfg.retry_after_s) from None
                     fut = counted(d, asyncio.wrap_future(cf), t0, lambda: None)
-                    return d, fut, len(job.ids), None, greq.cancel
+                    return d, fut, job, greq.cancel
                 await admit(d.model.name)
             except RequestError as e:
                 refuse(name, e, t0)
                 raise
             fut = asyncio.get_running_loop().run_in_executor(None, job.run, on_tokens)
-            return d, counted(d, fut, t0, slots[d.model.name].release), len(job.ids), job.draft, lambda: None
+            return d, counted(d, fut, t0, slots[d.model.name].release), job, lambda: None
 
         async def generate(name: str, request: Request, version: str | None = None):
             t0 = time.perf_counter()
-            d, fut, plen, draft, _ = await launch(name, request, version, t0, None)
+            d, fut, job, _ = await launch(name, request, version, t0, None)
             res = await asyncio.shield(fut)
-            return Response(orjson.dumps(result_body(d, res, plen, draft)), 200, media_type="application/json")
+            return Response(orjson.dumps(result_body(d, res, job)), 200, media_type="application/json")
 
         async def generate_stream(name: str, request: Request, version: str | None = None):
             t0 = time.perf_counter()
@@ -289,13 +309,12 @@ class GenerateExtension:
                     raise _ClientGone()
                 loop.call_soon_threadsafe(queue.put_nowait, [int(t) for t in new[0] if t >= 0])
 
-            d, fut, plen, draft, cancel = await launch(name, request, version, t0, on_tokens)
+            d, fut, job, cancel = await launch(name, request, version, t0, on_tokens)
             fut.add_done_callback(lambda f: queue.put_nowait(f))
-            return StreamingResponse(_events(d, queue, gone, cancel, plen, draft), media_type="text/event-stream",
+            return StreamingResponse(_events(d, queue, gone, cancel, job), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
 
-        async def _events(d: Decoder, queue: asyncio.Queue, gone: threading.Event, cancel, plen: int,
-                          draft: str | None):
+        async def _events(d: Decoder, queue: asyncio.Queue, gone: threading.Event, cancel, job: _Job):
             label = d.model.name
             toks: list[int] = []
             sent = ""
@@ -318,7 +337,7 @@ class GenerateExtension:
                             e = end.exception() if not end.cancelled() else RuntimeError("cancelled")
                             yield _sse({"model_name": label, "error": f"{type(e).__name__}: {str(e)[:160]}"})
                             return
-                        final = result_body(d, end.result(), plen, draft)
+                        final = result_body(d, end.result(), job)
                         final["text_output"] = text[len(sent):]
                         final["final"] = True
                         yield _sse(final)
@@ -330,6 +349,57 @@ class GenerateExtension:
         for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
             app.post(prefix + "/generate")(generate)
             app.post(prefix + "/generate_stream")(generate_stream)
+
+
+def _adapters_for(d: Decoder, adapters: dict[str, str]) -> dict[str, str]:
+    """The configured adapters (``{name: folder}``) trained on ``d``'s zoo model, as their
+    ``deepship.json`` says (an adapter without one is tried on every fused decoder)."""
+    import json
+    from pathlib import Path
+
+    mine = {}
+    for name, folder in adapters.items():
+        meta_path = Path(folder) / "deepship.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        if meta.get("model", d.zoo_name) == d.zoo_name:
+            mine[name] = folder
+    return mine
+
+
+def _lora_session(graph: Any, d: Decoder, mine: dict[str, str]) -> Any:
+    """A session of the fused graph with the branches of adapters ``mine`` (index ``i`` for the ``i``-th,
+    from 1; :func:`deepship.exporters.fused.add_lora`).
+
+    Raises:
+        ServingError: an adapter folder that cannot be read or does not fit the decoder.
+    """
+    import onnx
+
+    from ..exporters.fused import add_lora, read_peft_adapter
+    from ..runtimes.session import OrtSession
+
+    try:
+        model = add_lora(onnx.load(graph.path), [read_peft_adapter(f) for f in mine.values()])
+    except DeepshipError as e:
+        raise ServingError(f"--adapter for {d.model.name}: {e}") from None
+    return OrtSession(graph.path, threads=graph.threads, model=model)
+
+
+def _adapter_index(d: Decoder, name: Any, known: dict[str, int], speculative: bool) -> int:
+    """The graph index of a request's ``adapter`` (0 without one).
+
+    Raises:
+        InputSpecError: an adapter this decoder does not serve, or with speculative decoding.
+    """
+    if name in (None, ""):
+        return 0
+    if str(name) not in known:
+        served = ", ".join(known) or "none (start the server with --adapter NAME=FOLDER)"
+        raise InputSpecError(f"adapter '{str(name)[:64]}' is not served on {d.model.name}; adapters: {served}")
+    if speculative:
+        raise InputSpecError("a LoRA adapter and speculative decoding do not combine (the draft has no adapter); "
+                             "drop one of them")
+    return known[str(name)]
 
 
 def _solo_run(runner, draft_runner, ids, max_tokens: int, k: int, sampling: Sampling, stop_ids):

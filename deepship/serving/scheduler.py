@@ -67,6 +67,7 @@ class GenRequest:
         stop_ids: token ids that end it (kept in the output).
         on_tokens: called in the scheduler thread with int64 ``(1, 1)`` after each new token; an
             exception raised in it cancels the request.
+        adapter: the LoRA adapter's index in a graph with adapters (0: the base model).
         future: resolved with a :class:`~deepship.runtimes.generate.GenerationResult` (batch 1), or
             failed with :class:`Cancelled` or the error that ended it.
     """
@@ -76,6 +77,7 @@ class GenRequest:
     sampling: Sampling = field(default_factory=Sampling)
     stop_ids: frozenset = frozenset()
     on_tokens: Callable[[np.ndarray], None] | None = None
+    adapter: int = 0
     future: Future = field(default_factory=Future)
     # scheduler state
     cancelled: bool = False
@@ -210,7 +212,7 @@ class DecodeScheduler:
                 _fail(r, Cancelled("cancelled"))
             else:
                 part = r.ids[r.fed: r.fed + budget]
-                logits = self.pool.run(len(self.running), part[None])
+                logits = self.pool.run(len(self.running), part[None], np.array([r.adapter], np.int64))
                 r.fed += len(part)
                 budget -= len(part)
                 if r.fed < len(r.ids):
@@ -233,7 +235,7 @@ class DecodeScheduler:
             return
         t0 = time.perf_counter()
         toks = np.array([[q.out[-1]] for q in self.running], np.int64)
-        logits = self.pool.run(0, toks)[:, -1]
+        logits = self.pool.run(0, toks, np.array([q.adapter for q in self.running], np.int64))[:, -1]
         now = time.perf_counter()
         self.steps += 1
         self.observe("step", rows=len(self.running), seconds=now - t0)
