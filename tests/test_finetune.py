@@ -192,3 +192,30 @@ def test_merged_model_is_a_cached_variant_with_its_chain_to_int4(tmp_path):
     assert api.finetune(ctx, str(text), opts).key == v.key  # warm cache: the same artifact
     text.write_text(text.read_text() + "A different manual.\n")
     assert api.finetune(ctx, str(text), opts).key != v.key  # an edited text is a new variant
+
+
+def test_lora_on_minilm_classifies_speaker_turns_tiny(tmp_path):
+    """The MiniLM LoRA recipe on a tiny configuration: 2 speakers, 12 steps; the base stays frozen,
+    the adapter saves in PEFT's format, and the scores are well-formed."""
+    import torch
+    from transformers import AutoModel
+
+    from deepship.models.hf import minilm_path
+    from deepship.models.hf.data import speaker_turns, tokenize
+
+    path = minilm_path()
+    encoder = AutoModel.from_pretrained(str(path), local_files_only=True).eval()
+    before = {n: p.clone() for n, p in encoder.named_parameters()}
+    tr_x, tr_y, te_x, te_y, names = speaker_turns(n_speakers=2)
+    tr = (tr_x[:24] + tr_x[-24:], np.concatenate([tr_y[:24], tr_y[-24:]]))
+    te = (te_x[:8] + te_x[-8:], np.concatenate([te_y[:8], te_y[-8:]]))
+    opts = FT.LoraOptions(rank=2, alpha=4, steps=12, batch_size=8, lr=1e-3, threads=1)
+    model, res = FT.train_classifier(encoder, lambda t: tokenize(path, t, max_length=32), tr, te, opts)
+    assert res["options"]["targets"] == ["query", "value"] and res["classes"] == 2
+    assert 0 <= res["lora"]["accuracy"] <= 1 and 0 <= res["probe"]["accuracy"] <= 1
+    assert res["train"]["trainable_share"] < 0.01 and np.isfinite(res["train"]["final_loss"])
+    assert all(torch.equal(p, before[n]) for n, p in encoder.named_parameters())  # the base is not touched
+    folder = FT.save_adapter(model.encoder, tmp_path / "adapter", {"model": "bert"})
+    assert (folder / "adapter_config.json").is_file() and (folder / "adapter_model.safetensors").is_file()
+    with pytest.raises(InputSpecError, match="not in the model"):
+        FT.train_classifier(encoder, lambda t: tokenize(path, t), tr, te, FT.LoraOptions(targets=["nope"], steps=1))

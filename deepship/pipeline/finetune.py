@@ -26,7 +26,7 @@ import json
 import math
 import resource
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -233,32 +233,46 @@ def train_lm(model: nn.Module, train_ids: np.ndarray, opts: LoraOptions,
     if len(ids) < opts.seq_len + 2:
         raise InputSpecError(f"training text has {len(ids)} tokens, fewer than one window of {opts.seq_len}; "
                              "give more text or a smaller --seq-len")
-    torch.manual_seed(int(opts.seed))
     rng = np.random.default_rng(int(opts.seed))
+
+    def loss() -> torch.Tensor:
+        x, y = _windows(ids, rng, int(opts.batch_size), int(opts.seq_len))
+        logits = model(x)[0]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+    return _fit(model, opts, loss, progress)
+
+
+def _fit(model: nn.Module, opts: LoraOptions, loss: Callable[[], torch.Tensor],
+         progress: Callable[[str], None] | None, weight_decay: float = 0.0) -> dict:
+    """The training loop both recipes share: AdamW over ``model``'s trainable parameters, linear warm-up,
+    gradient clipping at 1, ``opts.steps`` steps of ``loss()`` (which draws its own batch), on
+    ``opts.threads`` threads; returns the stats :func:`train_lm` documents."""
+    torch.manual_seed(int(opts.seed))
     prev = torch.get_num_threads()
     if opts.threads:
         torch.set_num_threads(int(opts.threads))
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=float(opts.lr), weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=float(opts.lr), weight_decay=weight_decay)
     model.train()
     losses = []
     t0 = time.perf_counter()
-    for step in range(int(opts.steps)):
-        for g in opt.param_groups:
-            g["lr"] = float(opts.lr) * min(1.0, (step + 1) / max(1, int(opts.warmup)))
-        x, y = _windows(ids, rng, int(opts.batch_size), int(opts.seq_len))
-        logits = model(x)[0]
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        losses.append(float(loss.detach()))
-        if progress and (step % 50 == 0 or step == opts.steps - 1):
-            progress(f"step {step + 1}/{opts.steps} loss {np.mean(losses[-20:]):.3f} ({time.perf_counter() - t0:.0f} s)")
+    try:
+        for step in range(int(opts.steps)):
+            for g in opt.param_groups:
+                g["lr"] = float(opts.lr) * min(1.0, (step + 1) / max(1, int(opts.warmup)))
+            value = loss()
+            opt.zero_grad(set_to_none=True)
+            value.backward()
+            nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            losses.append(float(value.detach()))
+            if progress and (step % 50 == 0 or step == opts.steps - 1):
+                progress(f"step {step + 1}/{opts.steps} loss {np.mean(losses[-20:]):.3f} ({time.perf_counter() - t0:.0f} s)")
+    finally:
+        model.eval()
+        torch.set_num_threads(prev)
     train_s = time.perf_counter() - t0
-    model.eval()
-    torch.set_num_threads(prev)
     n_train = sum(p.numel() for p in params)
     n_total = sum(_logical_numel(p) for p in model.parameters())
     return {"steps": int(opts.steps), "train_s": round(train_s, 2), "s_per_step": round(train_s / opts.steps, 4),
@@ -495,3 +509,92 @@ def _lora_stage(ctx: Any, parent: Any, params: dict, out: Path):
 def _qlora_stage(ctx: Any, parent: Any, params: dict, out: Path):
     """QLoRA: adapters on an NF4 base (bitsandbytes), merged into the de-quantized FP32 base."""
     return _adapter_stage(ctx, parent, params, out, qlora=True)
+
+
+# ---- LoRA on an encoder for a classification task (MiniLM: who speaks a line) ------------------------
+
+#: the attention projections of a BERT encoder (transformers' BertSelfAttention names)
+ENCODER_TARGETS = ("query", "value")
+
+
+class PooledClassifier(nn.Module):
+    """Mean-pooled encoder output -> linear head: ``forward(input_ids, attention_mask)`` int64
+    ``(batch, seq)`` -> float32 logits ``(batch, n_classes)``; ``encoder`` is a transformers model
+    (``last_hidden_state``), wrapped by PEFT or not."""
+
+    def __init__(self, encoder: nn.Module, hidden: int, n_classes: int):
+        super().__init__()
+        self.encoder, self.head = encoder, nn.Linear(hidden, n_classes)
+
+    def embed(self, input_ids, attention_mask):
+        h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        m = attention_mask.unsqueeze(-1).to(h.dtype)
+        return (h * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+    def forward(self, input_ids, attention_mask):
+        return self.head(self.embed(input_ids, attention_mask))
+
+
+def _scores(y: np.ndarray, pred: np.ndarray) -> dict:
+    from sklearn.metrics import accuracy_score, f1_score
+
+    return {"accuracy": float(accuracy_score(y, pred)), "macro_f1": float(f1_score(y, pred, average="macro"))}
+
+
+def train_classifier(encoder: nn.Module, tokenize: Callable[[list[str]], dict], train: tuple[list[str], np.ndarray],
+                     test: tuple[list[str], np.ndarray], opts: LoraOptions, probe: bool = True,
+                     progress: Callable[[str], None] | None = None) -> tuple[nn.Module, dict]:
+    """LoRA (PEFT) on an encoder's attention with a trainable linear head over mean pooling, for text
+    classification; with ``probe`` also the frozen encoder + logistic regression (scikit-learn) on the
+    same pooled embeddings, the reference a LoRA run must beat.
+
+    Args:
+        encoder: a transformers encoder (e.g. all-MiniLM-L6-v2's ``BertModel``), not changed.
+        tokenize: ``texts -> {"input_ids", "attention_mask"}`` int64 ``(n, seq)`` arrays.
+        train, test: ``(texts, labels int64 (n,))``.
+        opts: rank, alpha, targets (default :data:`ENCODER_TARGETS` when they are the GPT's), steps,
+            lr, batch size, seed, threads.
+
+    Returns:
+        ``(classifier, results)``: the :class:`PooledClassifier` (PEFT-wrapped encoder) and
+        ``{"lora": {"accuracy", "macro_f1"}, "probe": {...} | None, "train": train stats,
+        "classes", "train_examples", "test_examples", "chance": majority-class accuracy}``.
+
+    Raises:
+        InputSpecError: bad options (:meth:`LoraOptions.check`), or fewer than 2 classes.
+    """
+    (tr_x, tr_y), (te_x, te_y) = train, test
+    n_classes = int(max(tr_y.max(), te_y.max())) + 1
+    if n_classes < 2:
+        raise InputSpecError("the classification data has one class; give at least two")
+    if list(opts.targets) == list(DEFAULT_TARGETS):
+        opts = replace(opts, targets=list(ENCODER_TARGETS))
+    torch.manual_seed(int(opts.seed))
+    model = PooledClassifier(lora_model(encoder, opts), encoder.config.hidden_size, n_classes)
+    enc_tr, enc_te = tokenize(list(tr_x)), tokenize(list(te_x))
+    rng = np.random.default_rng(int(opts.seed))
+
+    def loss() -> torch.Tensor:
+        idx = rng.integers(0, len(tr_y), int(opts.batch_size))
+        logits = model(torch.from_numpy(enc_tr["input_ids"][idx]), torch.from_numpy(enc_tr["attention_mask"][idx]))
+        return F.cross_entropy(logits, torch.from_numpy(tr_y[idx]))
+
+    stats = _fit(model, opts, loss, progress, weight_decay=0.01)
+
+    @torch.no_grad()
+    def run(m, enc, fn):
+        return np.concatenate([fn(m, torch.from_numpy(enc["input_ids"][i:i + 64]),
+                                  torch.from_numpy(enc["attention_mask"][i:i + 64])).numpy()
+                               for i in range(0, len(enc["input_ids"]), 64)])
+
+    res = {"lora": _scores(te_y, run(model, enc_te, PooledClassifier.forward).argmax(1)), "probe": None}
+    if probe:
+        from sklearn.linear_model import LogisticRegression
+
+        frozen = PooledClassifier(encoder, encoder.config.hidden_size, n_classes).eval()
+        emb = lambda enc: run(frozen, enc, PooledClassifier.embed)  # noqa: E731
+        clf = LogisticRegression(max_iter=2000, C=10.0).fit(emb(enc_tr), tr_y)
+        res["probe"] = _scores(te_y, clf.predict(emb(enc_te)))
+    res.update(train=stats, classes=n_classes, train_examples=len(tr_y), test_examples=len(te_y),
+               chance=float(np.bincount(te_y).max() / len(te_y)), options=options_dict(opts))
+    return model, res
