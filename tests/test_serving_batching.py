@@ -200,10 +200,10 @@ def test_a_client_that_leaves_frees_its_slot_and_a_full_pool_is_503(server):
     sch = next(fn.__self__ for fn in server.server.on_stop if isinstance(getattr(fn, "__self__", None), DecodeScheduler))
     gate, run = threading.Event(), sch.pool.run
 
-    def slow_run(lo, ids):  # hold the loop until the pool and queue are full, then 2 ms a step
+    def slow_run(lo, ids, adapters=None):  # hold the loop until the pool and queue are full, then 2 ms a step
         gate.wait(20)
         time.sleep(0.002)
-        return run(lo, ids)
+        return run(lo, ids, adapters)
 
     sch.pool.run = slow_run
     try:
@@ -212,7 +212,7 @@ def test_a_client_that_leaves_frees_its_slot_and_a_full_pool_is_503(server):
         conns = [urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=60)
                  for _ in range(5)]  # 3 slots + 2 queued
         refused = post(f"{server.url}/v2/models/{NAME}/generate", {"text_input": "x", "parameters": {"max_tokens": 2}})
-        assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+        assert refused.status_code == 503 and refused.headers["Retry-After"] == "1", refused.text
         assert "KV-cache slots" in refused.json()["error"]
         gate.set()
         for r in conns:

@@ -26,7 +26,7 @@ import json
 import math
 import resource
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -35,9 +35,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import InputSpecError
-from ..utils import atomic_dir
-from .stages import register_stage
+from ...errors import InputSpecError
+from ...utils import atomic_dir
+from ..stages import register_stage
 
 #: the GPT's linear layers adapted by default (``out`` too would be 3.6% trainable at rank 4; these are 2.4%)
 DEFAULT_TARGETS = ("qkv", "proj", "fc")
@@ -348,8 +348,8 @@ def options_dict(opts: LoraOptions) -> dict:
 
 
 def _ppl(module: nn.Module, cfg: Any, ids: np.ndarray, window: int) -> float:
-    from ..models.gpt.data import perplexity
-    from ..runtimes.session import TorchSession
+    from ...models.gpt.data import perplexity
+    from ...runtimes.session import TorchSession
 
     with torch.no_grad():
         return perplexity(TorchSession(module, ["input_ids"], ["logits"]), cfg, ids=ids, window=window)
@@ -369,7 +369,7 @@ def validate(ctx: Any, text: str, opts: LoraOptions) -> None:
     Raises:
         InputSpecError: see :func:`check_decoder`, :meth:`LoraOptions.check`; DataError: the text.
     """
-    from ..models.gpt.data import domain_text
+    from ...models.gpt.data import domain_text
 
     check_decoder(ctx)
     opts.check(ctx.module())
@@ -396,10 +396,10 @@ def adapt_decoder(ctx: Any, text: str, opts: LoraOptions, out_dir: str | Path, d
         InputSpecError: not a GPT decoder, or bad options (:meth:`LoraOptions.check`).
         DataError: the text cannot be read.
     """
-    from ..models.gpt import config_of
-    from ..models.gpt.data import corpus, domain_corpus
-    from ..models.train import save_weights
-    from ..utils import write_json_atomic
+    from ...models.gpt import config_of
+    from ...models.gpt.data import corpus, domain_corpus
+    from ...models.train import save_weights
+    from ...utils import write_json_atomic
 
     validate(ctx, text, opts)
     cfg = config_of(ctx.spec)
@@ -446,7 +446,7 @@ def text_identity(text: str) -> str:
     ``.txt`` file's SHA-256 (so an edited file trains a new variant)."""
     import hashlib
 
-    from ..models.gpt.data import DOMAINS
+    from ...models.gpt.data import DOMAINS
 
     if text in DOMAINS:
         return text
@@ -455,8 +455,8 @@ def text_identity(text: str) -> str:
 
 def text_available(text: str) -> bool:
     """Whether ``text`` (a DOMAINS name or a ``.txt`` path) can be read here (its package is installed)."""
-    from ..errors import DataError
-    from ..models.gpt.data import domain_text
+    from ...errors import DataError
+    from ...models.gpt.data import domain_text
 
     try:
         domain_text(text)
@@ -474,9 +474,9 @@ def stage_params(text: str, opts: LoraOptions) -> dict:
 
 
 def _adapter_stage(ctx: Any, parent: Any, params: dict, out: Path, qlora: bool) -> tuple[list[str], dict]:
-    from ..models.gpt import config_of
-    from ..models.gpt.data import domain_corpus
-    from .prune.stages import parent_module, save_torch_variant
+    from ...models.gpt import config_of
+    from ...models.gpt.data import domain_corpus
+    from ..prune.stages import parent_module, save_torch_variant
 
     names = {f for f in LoraOptions.__dataclass_fields__ if f not in ("qlora",)}
     opts = LoraOptions(**{k: v for k, v in params.items() if k in names}, qlora=qlora)
@@ -511,90 +511,4 @@ def _qlora_stage(ctx: Any, parent: Any, params: dict, out: Path):
     return _adapter_stage(ctx, parent, params, out, qlora=True)
 
 
-# ---- LoRA on an encoder for a classification task (MiniLM: who speaks a line) ------------------------
-
-#: the attention projections of a BERT encoder (transformers' BertSelfAttention names)
-ENCODER_TARGETS = ("query", "value")
-
-
-class PooledClassifier(nn.Module):
-    """Mean-pooled encoder output -> linear head: ``forward(input_ids, attention_mask)`` int64
-    ``(batch, seq)`` -> float32 logits ``(batch, n_classes)``; ``encoder`` is a transformers model
-    (``last_hidden_state``), wrapped by PEFT or not."""
-
-    def __init__(self, encoder: nn.Module, hidden: int, n_classes: int):
-        super().__init__()
-        self.encoder, self.head = encoder, nn.Linear(hidden, n_classes)
-
-    def embed(self, input_ids, attention_mask):
-        h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        m = attention_mask.unsqueeze(-1).to(h.dtype)
-        return (h * m).sum(1) / m.sum(1).clamp(min=1.0)
-
-    def forward(self, input_ids, attention_mask):
-        return self.head(self.embed(input_ids, attention_mask))
-
-
-def _scores(y: np.ndarray, pred: np.ndarray) -> dict:
-    from sklearn.metrics import accuracy_score, f1_score
-
-    return {"accuracy": float(accuracy_score(y, pred)), "macro_f1": float(f1_score(y, pred, average="macro"))}
-
-
-def train_classifier(encoder: nn.Module, tokenize: Callable[[list[str]], dict], train: tuple[list[str], np.ndarray],
-                     test: tuple[list[str], np.ndarray], opts: LoraOptions, probe: bool = True,
-                     progress: Callable[[str], None] | None = None) -> tuple[nn.Module, dict]:
-    """LoRA (PEFT) on an encoder's attention with a trainable linear head over mean pooling, for text
-    classification; with ``probe`` also the frozen encoder + logistic regression (scikit-learn) on the
-    same pooled embeddings, the reference a LoRA run must beat.
-
-    Args:
-        encoder: a transformers encoder (e.g. all-MiniLM-L6-v2's ``BertModel``), not changed.
-        tokenize: ``texts -> {"input_ids", "attention_mask"}`` int64 ``(n, seq)`` arrays.
-        train, test: ``(texts, labels int64 (n,))``.
-        opts: rank, alpha, targets (default :data:`ENCODER_TARGETS` when they are the GPT's), steps,
-            lr, batch size, seed, threads.
-
-    Returns:
-        ``(classifier, results)``: the :class:`PooledClassifier` (PEFT-wrapped encoder) and
-        ``{"lora": {"accuracy", "macro_f1"}, "probe": {...} | None, "train": train stats,
-        "classes", "train_examples", "test_examples", "chance": majority-class accuracy}``.
-
-    Raises:
-        InputSpecError: bad options (:meth:`LoraOptions.check`), or fewer than 2 classes.
-    """
-    (tr_x, tr_y), (te_x, te_y) = train, test
-    n_classes = int(max(tr_y.max(), te_y.max())) + 1
-    if n_classes < 2:
-        raise InputSpecError("the classification data has one class; give at least two")
-    if list(opts.targets) == list(DEFAULT_TARGETS):
-        opts = replace(opts, targets=list(ENCODER_TARGETS))
-    torch.manual_seed(int(opts.seed))
-    model = PooledClassifier(lora_model(encoder, opts), encoder.config.hidden_size, n_classes)
-    enc_tr, enc_te = tokenize(list(tr_x)), tokenize(list(te_x))
-    rng = np.random.default_rng(int(opts.seed))
-
-    def loss() -> torch.Tensor:
-        idx = rng.integers(0, len(tr_y), int(opts.batch_size))
-        logits = model(torch.from_numpy(enc_tr["input_ids"][idx]), torch.from_numpy(enc_tr["attention_mask"][idx]))
-        return F.cross_entropy(logits, torch.from_numpy(tr_y[idx]))
-
-    stats = _fit(model, opts, loss, progress, weight_decay=0.01)
-
-    @torch.no_grad()
-    def run(m, enc, fn):
-        return np.concatenate([fn(m, torch.from_numpy(enc["input_ids"][i:i + 64]),
-                                  torch.from_numpy(enc["attention_mask"][i:i + 64])).numpy()
-                               for i in range(0, len(enc["input_ids"]), 64)])
-
-    res = {"lora": _scores(te_y, run(model, enc_te, PooledClassifier.forward).argmax(1)), "probe": None}
-    if probe:
-        from sklearn.linear_model import LogisticRegression
-
-        frozen = PooledClassifier(encoder, encoder.config.hidden_size, n_classes).eval()
-        emb = lambda enc: run(frozen, enc, PooledClassifier.embed)  # noqa: E731
-        clf = LogisticRegression(max_iter=2000, C=10.0).fit(emb(enc_tr), tr_y)
-        res["probe"] = _scores(te_y, clf.predict(emb(enc_te)))
-    res.update(train=stats, classes=n_classes, train_examples=len(tr_y), test_examples=len(te_y),
-               chance=float(np.bincount(te_y).max() / len(te_y)), options=options_dict(opts))
-    return model, res
+from .encoder import ENCODER_TARGETS, PooledClassifier, train_classifier  # noqa: E402,F401  (re-exported)
