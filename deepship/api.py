@@ -406,9 +406,18 @@ def transcribe(audio: str | Path, variant: str = ASR_DEPLOY_VARIANT, stream: boo
     """
     # the file is checked before anything is built
     samples = S.load_audio(audio) if not stream else S.check_audio_file(audio)
+    v, sess = _asr_session(variant, threads)
+    return _transcribe_one(sess, v, audio, samples, stream, beam, on_partial)
+
+
+def _asr_session(variant: str, threads: int) -> tuple[Variant, Any]:
     ctx = load("asr")
     v = asr_variant(ctx, variant)
-    sess = ctx.session(v, threads=threads)
+    return v, ctx.session(v, threads=threads)
+
+
+def _transcribe_one(sess: Any, v: Variant, audio: str | Path, samples: Any, stream: bool, beam: int,
+                    on_partial: Callable[[str], None] | None) -> dict[str, Any]:
     st = Stream(sess, AA.stream_config())
     t0 = time.perf_counter()
     if not stream:
@@ -425,3 +434,49 @@ def transcribe(audio: str | Path, variant: str = ASR_DEPLOY_VARIANT, stream: boo
     secs = st.audio_seconds
     return {"text": text, "seconds": round(secs, 3), "rtf": round(dt / secs, 4) if secs else None,
             "chunks": len(st.chunk_latencies_ms), "variant": v.name}
+
+
+#: audio files a folder transcription reads (what soundfile reads)
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
+
+
+def transcribe_folder(folder: str | Path, tsv: str | Path, variant: str = ASR_DEPLOY_VARIANT, beam: int = 0,
+                      threads: int = 1, on_file: Callable[[dict], None] | None = None) -> list[dict[str, Any]]:
+    """Transcribe every audio file (:data:`AUDIO_SUFFIXES`, sorted, not recursive) of ``folder`` with one
+    loaded recognizer, and write ``tsv`` (atomically): columns ``file``, ``text``, ``seconds``,
+    ``rtf``, ``error``. A file that cannot be read gets its one-line error in the ``error`` column
+    and the others go on.
+
+    Returns:
+        one dict per file (:func:`transcribe`'s keys, ``file`` and ``error``); ``on_file`` is called
+        with each as it is done.
+
+    Raises:
+        DataError: ``folder`` is not a folder or holds no audio file.
+        StageError: unknown variant.
+    """
+    from .errors import DataError
+    from .utils import atomic_file
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder} is not a folder; give a folder of audio files, or one file")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+    if not files:
+        raise DataError(f"{folder} holds no {'/'.join(x[1:].upper() for x in AUDIO_SUFFIXES)} file")
+    v, sess = _asr_session(variant, threads)
+    rows = []
+    for f in files:
+        try:
+            row = {"file": f.name, **_transcribe_one(sess, v, f, S.load_audio(f), False, beam, None), "error": ""}
+        except DataError as e:
+            row = {"file": f.name, "text": "", "seconds": None, "rtf": None, "error": str(e)}
+        rows.append(row)
+        if on_file is not None:
+            on_file(row)
+    clean = lambda x: "" if x is None else str(x).replace("\t", " ").replace("\n", " ")  # noqa: E731
+    with atomic_file(Path(tsv)) as tmp:
+        Path(tmp).write_text("file\ttext\tseconds\trtf\terror\n" + "".join(
+            "\t".join(clean(r[k]) for k in ("file", "text", "seconds", "rtf", "error")) + "\n" for r in rows),
+            encoding="utf-8")
+    return rows

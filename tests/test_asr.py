@@ -244,6 +244,32 @@ def test_transcribe_bad_audio_gives_clear_errors_or_empty_results(tmp_path, corp
 
 
 @needs_espeak
+def test_transcribe_a_folder_writes_a_tsv_and_names_unreadable_files(tmp_path, corpus):
+    import csv
+
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    for i in (0, 1):
+        _write_wav(folder / f"utt{i}.wav", corpus.test_audio[i])
+    (folder / "broken.wav").write_text("not audio")
+    (folder / "notes.txt").write_text("not an audio file name: skipped")
+    tsv = tmp_path / "out" / "transcripts.tsv"
+    r = _cli("asr", "transcribe", str(folder), "--variant", "fp32-torch", "--tsv", str(tsv))
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader(tsv.open(encoding="utf-8"), delimiter="\t"))
+    assert [x["file"] for x in rows] == ["broken.wav", "utt0.wav", "utt1.wav"]
+    assert rows[0]["error"] and not rows[0]["text"] and "3 files, 1 unreadable" in r.stderr
+    import jiwer
+
+    for i in (0, 1):
+        assert not rows[i + 1]["error"] and jiwer.cer(corpus.test.texts[i], rows[i + 1]["text"]) < 0.5
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = _cli("asr", "transcribe", str(empty), "--variant", "fp32-torch")
+    assert r.returncode == 2 and "holds no WAV/FLAC/OGG file" in r.stderr
+
+
+@needs_espeak
 def test_bundle_runs_with_onnxruntime_numpy_and_fbank_only(tmp_path, corpus):
     from deepship import api
 
@@ -269,6 +295,15 @@ def test_bundle_runs_with_onnxruntime_numpy_and_fbank_only(tmp_path, corpus):
     import jiwer
 
     assert jiwer.cer(corpus.test.texts[2], want) < 0.3, (corpus.test.texts[2], want)
+    # unreadable input to the bundle's runner: one line on stderr, exit status 1, no traceback
+    (tmp_path / "notes.wav").write_text("not audio")
+    for bad in (tmp_path / "notes.wav", tmp_path / "missing.wav", tmp_path):
+        code = ("import sys; sys.argv = ['asr_stream.py', 'model.onnx', 'features.json', %r]; "
+                "exec(open('asr_stream.py').read())" % str(bad))
+        r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path / "bundle", capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and "not a readable 16-bit PCM WAV" in r.stderr
     # a second bundle into the same folder replaces it atomically; a file in the way is refused
     (tmp_path / "afile").write_text("x")
     r = _cli("asr", "bundle", "--out", str(tmp_path / "afile"), "--no-measure")

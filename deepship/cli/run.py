@@ -8,6 +8,7 @@ from typing import List, Optional
 import typer
 
 from ._common import app, err, out, user_errors
+from ..errors import InputSpecError
 
 
 @app.command("serve")
@@ -117,14 +118,29 @@ def asr_bundle_cmd(out_dir: Path = typer.Option(Path("asr-bundle"), "--out", hel
 
 @asr_app.command("transcribe")
 @user_errors
-def asr_transcribe_cmd(audio: Path = typer.Argument(..., help="audio file: WAV/FLAC/OGG, any rate, mono or stereo"),
+def asr_transcribe_cmd(audio: Path = typer.Argument(..., help="audio file (WAV/FLAC/OGG, any rate, mono or stereo), "
+                                                    "or a folder of them"),
+                       tsv: Path = typer.Option(Path("transcripts.tsv"), "--tsv", help="a folder: the TSV written "
+                                                "(file, text, seconds, rtf, error)"),
                        stream: bool = typer.Option(False, "--stream", help="feed 100 ms pieces and print partial results"),
                        variant: str = typer.Option("int8-dynamic", help="fp32-torch | fp32-onnx | int8-dynamic | int8-static"),
                        beam: int = typer.Option(0, help="CTC prefix beam search width for the final result (0: greedy)"),
                        threads: int = typer.Option(1, help="intra-op threads"),
                        as_json: bool = typer.Option(False, "--json", help="print the result as JSON")):
-    """Transcribe an audio file with the streaming recognizer."""
+    """Transcribe an audio file, or every audio file of a folder (to a TSV), with the streaming recognizer."""
     from .. import api
+
+    if audio.is_dir():
+        if stream:
+            raise InputSpecError("--stream prints one file's partial results; drop it for a folder")
+        rows = api.transcribe_folder(audio, tsv, variant=variant, beam=beam, threads=threads,
+                                     on_file=lambda r: err.print(f"{r['file']}: {r['error'] or r['text']}",
+                                                                 highlight=False, markup=False))
+        bad = sum(bool(r["error"]) for r in rows)
+        err.print(f"wrote {tsv}: {len(rows)} files, {bad} unreadable", highlight=False)
+        if as_json:
+            print(json.dumps(rows))
+        return
 
     res = api.transcribe(audio, variant=variant, stream=stream, beam=beam, threads=threads,
                          on_partial=(lambda t: err.print(f"... {t}", highlight=False, markup=False)) if stream else None)

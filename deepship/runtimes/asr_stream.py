@@ -279,10 +279,21 @@ if __name__ == "__main__":  # the bundle's command line: python asr_stream.py mo
 
     if len(sys.argv) != 4:
         sys.exit("usage: python asr_stream.py MODEL.onnx features.json FILE.wav (16-bit PCM WAV)")
-    with wave.open(sys.argv[3]) as w:
-        if w.getsampwidth() != 2:
-            sys.exit(f"{sys.argv[3]}: only 16-bit PCM WAV is read here; convert it (e.g. sox in.wav -b 16 out.wav)")
-        pcm = np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.float32) / 32768
-        pcm = pcm.reshape(-1, w.getnchannels()).mean(1)
-        rate = w.getframerate()
-    print(transcribe(open_model(sys.argv[1]), FeatureConfig.load(sys.argv[2]), pcm, rate, chunk_samples=rate // 10))
+    try:
+        with wave.open(sys.argv[3]) as w:
+            if w.getsampwidth() != 2:
+                sys.exit(f"{sys.argv[3]}: only 16-bit PCM WAV is read here; convert it (e.g. sox in.wav -b 16 out.wav)")
+            pcm = np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.float32) / 32768
+            pcm = pcm.reshape(-1, w.getnchannels()).mean(1)
+            rate = w.getframerate()
+    except (wave.Error, EOFError, OSError) as e:  # not a WAV, truncated, missing, a folder
+        sys.exit(f"{sys.argv[3]}: not a readable 16-bit PCM WAV file ({type(e).__name__}: {str(e)[:80]}); "
+                 "convert it, e.g. sox in.mp3 -b 16 -r 16000 out.wav")
+    if not pcm.size:
+        sys.exit(f"{sys.argv[3]}: the WAV file holds no samples")
+    try:
+        model, cfg = open_model(sys.argv[1]), FeatureConfig.load(sys.argv[2])
+    except Exception as e:  # the bundle's own files: missing or corrupt
+        sys.exit(f"cannot load the recognizer ({type(e).__name__}: {str(e)[:120]}); give the bundle's model.onnx "
+                 "and features.json")
+    print(transcribe(model, cfg, pcm, rate, chunk_samples=rate // 10))

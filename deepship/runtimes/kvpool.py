@@ -19,6 +19,7 @@ batched answers are checked against) and speculative decoding.
 """
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
@@ -219,6 +220,7 @@ class FusedSession(Session):
         self.output_specs = [TensorSpec("logits", ("batch", "seq", L.vocab_size), "float32")] + [
             TensorSpec(n, ("batch", L.n_head, "total", L.head_dim), "float32") for n in L.present_names]
         self._pools: dict[int, KVPool] = {}
+        self._lock = threading.Lock()  # the pools are shared state: one call at a time (the server's /infer threads)
 
     #: rows per pool (a larger batch runs in groups, so a pool stays a few tens of MB)
     max_rows = 32
@@ -227,8 +229,9 @@ class FusedSession(Session):
         ids = np.ascontiguousarray(feeds["input_ids"], np.int64)
         past = [feeds.get(n) for n in self.layout.past_names]
         p = int(past[0].shape[2]) if past[0] is not None else 0
-        groups = [self._run(ids[a:a + self.max_rows], [x[a:a + self.max_rows] if p else None for x in past], p)
-                  for a in range(0, len(ids), self.max_rows)]
+        with self._lock:
+            groups = [self._run(ids[a:a + self.max_rows], [x[a:a + self.max_rows] if p else None for x in past], p)
+                      for a in range(0, len(ids), self.max_rows)]
         return {n: np.concatenate([g[j] for g in groups]) for j, n in enumerate(self.output_names)}
 
     def _run(self, ids: np.ndarray, past: list, p: int) -> list[np.ndarray]:
