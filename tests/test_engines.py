@@ -155,6 +155,44 @@ def test_ort_int8_engine_builds_from_the_qdq_model(mlp):
     _check(ctx.session(v).run_batched(feeds)["logits"], ref, "int8-ort-qdq")
 
 
+# ---- OpenVINO -------------------------------------------------------------------------------------
+
+needs_openvino = pytest.mark.skipif(not __import__("deepship.runtimes.engines", fromlist=["get_backend"])
+                                    .get_backend("openvino").available()[0],
+                                    reason="openvino/nncf missing (pip install -e '.[openvino]'; make install does it)")
+
+
+@needs_openvino
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_openvino_engine_matches_fp32_torch(mlp, precision):
+    ctx, feeds, ref = mlp
+    v = api.engine(ctx, "openvino", precision)
+    assert v.parent == "fp32-onnx" and v.precision == precision and v.format == "engine:openvino"
+    assert v.info["inference_precision"] == "f32" and v.info["hint"] == "LATENCY" and v.info["streams"] >= 1
+    if precision == "int8":
+        assert v.info["calibration_samples"] > 0 and "nncf" in v.info["quantizer"] and v.info["calibration_data"]
+    sess = ctx.session(v)
+    assert sess.provider == "openvino:CPU"
+    got = sess.run_batched(feeds)["logits"]
+    if precision == "fp32":
+        assert np.abs(got - ref).max() < 1e-4
+    else:
+        _check(got, ref, "int8-ort-qdq")  # the same INT8 tolerance
+
+
+@needs_openvino
+def test_openvino_bad_options_are_one_line(mlp, cli):
+    ctx, _, _ = mlp
+    with pytest.raises(StageError, match="builds fp32, int8"):
+        api.engine(ctx, "openvino", "fp16")
+    with pytest.raises(StageError, match="performance hint"):
+        api.engine(ctx, "openvino", "fp32", hint="fastest")
+    code, _, err = cli("engine", "mlp", "--backend", "openvino", "--precision", "int8", "--ignored", "no_such_node",
+                       "--no-measure", "-o", "/tmp/deepship-ov-test-never-written")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "nncf.quantize failed" in err
+    assert not Path("/tmp/deepship-ov-test-never-written").exists()
+
+
 # ---- TensorRT -------------------------------------------------------------------------------------
 
 def test_tensorrt_missing_prints_one_line(cli, monkeypatch):
@@ -242,3 +280,15 @@ def test_tensorrt_timing_cache_is_reused(zoo_ctx):
     api.engine(ctx, "tensorrt", "fp32", shapes={"batch": (1, 4, 16)})
     v = api.engine(ctx, "tensorrt", "fp32", shapes={"batch": (1, 5, 16)})
     assert v.info["timing_cache"]["reused"]
+
+
+@needs_openvino
+def test_report_engine_rows_take_a_precision(mlp):
+    from deepship.pipeline.report import extra_entries
+
+    ctx, _, _ = mlp
+    rows = extra_entries(ctx, ["openvino", "openvino:int8"])
+    assert [(r[0], r[3]["precision"], r[4]) for r in rows] == [("openvino-engine", "fp32", "fp32-onnx"),
+                                                             ("openvino-engine-int8", "int8", "fp32-onnx")]
+    with pytest.raises(StageError, match="builds fp32, int8"):
+        extra_entries(ctx, ["openvino:fp16"])

@@ -118,7 +118,8 @@ def quantize_cmd(model: str = typer.Argument(..., help=MODEL_HELP),
 @app.command("engine")
 @user_errors
 def engine_cmd(model: str = typer.Argument(..., help=MODEL_HELP),
-               backend: str = typer.Option("onnxruntime", help="onnxruntime | inductor (AOTInductor .pt2) | tensorrt"),
+               backend: str = typer.Option("onnxruntime", help="onnxruntime | inductor (AOTInductor .pt2) | tensorrt | "
+                                           "openvino"),
                precision: str = typer.Option("fp32", help="fp32 | fp16 | int8 | bf16 (backend permitting)"),
                shapes: Optional[str] = typer.Option(None, help="dynamic-dim ranges MIN/OPT/MAX for the batch, or "
                                                     "DIM=MIN/OPT/MAX,... (tensorrt profiles, inductor bounds)"),
@@ -127,12 +128,14 @@ def engine_cmd(model: str = typer.Argument(..., help=MODEL_HELP),
                strict: bool = typer.Option(False, help="onnxruntime: fail instead of falling back to another provider"),
                device: Optional[str] = typer.Option(None, help="inductor: cpu | cuda (default: cuda if present)"),
                calibration: Optional[str] = typer.Option(None, help="tensorrt int8: qdq (default) | entropy-calibrator"),
+               hint: Optional[str] = typer.Option(None, help="openvino: latency (default) | throughput performance hint"),
+               ignored: Optional[str] = typer.Option(None, help="openvino int8: node names NNCF keeps in float, NAME,..."),
                output: Optional[Path] = typer.Option(None, "-o", "--output", help="destination folder"),
                inputs: List[str] = INPUTS, weights: Optional[str] = WEIGHTS, name: Optional[str] = NAME,
                data: Optional[str] = DATA, calibration_data: Optional[str] = CALIBRATION_DATA,
                batches: str = typer.Option("1,32", help="batch sizes to time the engine and FP32 PyTorch at"),
                measure: bool = typer.Option(True, help="time the engine against FP32 PyTorch and print parity")):
-    """Build an engine: ONNX Runtime (execution providers), AOTInductor package, or TensorRT engine."""
+    """Build an engine: ONNX Runtime (execution providers), AOTInductor package, TensorRT engine, or OpenVINO IR."""
     from .. import api
     from ..errors import StageError
     from ..pipeline.evaluate import compare_with_baseline
@@ -149,7 +152,7 @@ def engine_cmd(model: str = typer.Argument(..., help=MODEL_HELP),
                                                    + ("" if precision == "fp32" else f"-{precision}")))
     ctx = load(model, inputs, weights, data, calibration_data=calibration_data, name=name)
     v = api.engine(ctx, backend, precision, shapes=rng or None, providers=providers, strict=strict or None,
-                   device=device, calibration=calibration)
+                   device=device, calibration=calibration, hint=hint, ignored=ignored)
     files = api.publish(v, dest)
     prov = v.info.get("provider") or ", ".join(v.info.get("providers") or [])
     out.print(f"wrote {dest}/ ({', '.join(f.name for f in files)}; {v.size_bytes():,} bytes): {backend} engine, "

@@ -17,7 +17,8 @@ def report_cmd(models: List[str] = typer.Argument(None, help=f"models ({MODEL_HE
                all_models: bool = typer.Option(False, "--all", help="every zoo model, heavy ones too"),
                out_dir: Path = typer.Option(Path("report"), "--out", help="folder for report.json and report.md"),
                methods: Optional[str] = typer.Option(None, help="comma-separated quantize methods (default all)"),
-               engines: Optional[str] = typer.Option(None, help="engine rows to add: onnxruntime,inductor,tensorrt "
+               engines: Optional[str] = typer.Option(None, help="engine rows to add: onnxruntime,inductor,tensorrt,"
+                                                     "openvino, NAME:PRECISION for another precision (openvino:int8) "
                                                      "(default: onnxruntime)"),
                prune: Optional[str] = typer.Option(None, help="structured pruning rows at these sparsities, e.g. "
                                                    "0.25,0.5 (fine-tuned on --train-data for your own model)"),

@@ -59,7 +59,8 @@ def plan_for(methods: Sequence[str] | None = None, engine: bool = True) -> list[
 def extra_entries(ctx: ModelContext, engines: Sequence[str] = (), prune: Sequence[float] = (), distill: bool = False,
                   finetune_steps: int = P.REPORT_FINETUNE_STEPS) -> list[tuple[str, str, str, dict, str]]:
     """Plan entries asked for on the command line, for any model: an engine row per backend in
-    ``engines`` (``NAME-engine``, from the FP32 ONNX model or, for torch backends, the torch model),
+    ``engines`` (``NAME`` or ``NAME:PRECISION``: row ``NAME-engine[-PRECISION]``, from the FP32 ONNX
+    model or, for torch backends, the torch model; e.g. ``openvino:int8``),
     structured pruning at each sparsity in ``prune`` (fine-tuned ``finetune_steps`` steps on the
     training data when there is one) carried on to ONNX, and with ``distill`` a width-0.5 student
     carried on to ONNX. Refused up front when the model cannot take them.
@@ -69,13 +70,17 @@ def extra_entries(ctx: ModelContext, engines: Sequence[str] = (), prune: Sequenc
             architecture that cannot be pruned, or distillation without labeled training data.
     """
     out: list[tuple[str, str, str, dict, str]] = []
-    for name in engines:
+    for entry in engines:
+        name, _, precision = entry.partition(":")
+        precision = precision or "fp32"
         b = get_backend(name)
         ok, why = b.available()
         if not ok:
             raise StageError(f"--engines {name}: {why}")
-        out.append((f"{name}-engine", "engine", name, {"precision": "fp32"},
-                    "fp32-torch" if b.consumes == "torch" else "fp32-onnx"))
+        if precision not in b.precisions:
+            raise StageError(f"--engines {entry}: the {name} engine builds {', '.join(b.precisions)}")
+        out.append((f"{name}-engine" + ("" if precision == "fp32" else f"-{precision}"), "engine", name,
+                    {"precision": precision}, "fp32-torch" if b.consumes == "torch" else "fp32-onnx"))
     for s in prune:
         P.prunable(ctx, "structured")
         n = P.variant_name("structured", s)

@@ -10,6 +10,7 @@ calibration data and calls :meth:`EngineBackend.build`. Backends never see the p
 |---|---|---|---|
 | ``onnxruntime`` | onnx | ONNX Runtime optimized model + session options; execution provider chosen and the one that ran recorded (:mod:`.providers`) | onnxruntime |
 | ``inductor`` | torch | AOTInductor ``.pt2`` package (FP32, BF16, FP16, INT8 via PT2E), dynamic batch kept | torch, torchao |
+| ``openvino`` | onnx | OpenVINO IR (``model.xml`` + ``.bin``), FP32 or INT8 by NNCF post-training quantization; performance hint and streams recorded | openvino, nncf |
 | ``tensorrt`` | onnx | TensorRT serialized engine + ``engine.json`` (version, GPU, precision, profiles); runs on an NVIDIA GPU | tensorrt or tensorrt_rtx |
 
 """
@@ -99,4 +100,5 @@ def backends() -> dict[str, EngineBackend]:
 
 from . import inductor as _inductor  # noqa: E402,F401
 from . import onnxruntime as _ort  # noqa: E402,F401  (registers itself)
+from . import openvino as _openvino  # noqa: E402,F401
 from . import tensorrt as _tensorrt  # noqa: E402,F401
