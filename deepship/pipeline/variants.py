@@ -87,15 +87,28 @@ class Variant:
 PIPELINE_VERSION = 2
 
 
+#: optional libraries that write engine artifacts; their installed versions join the key when present
+OPTIONAL_WRITERS = ("openvino", "nncf")
+
+
 def library_versions() -> dict[str, str]:
-    """The versions of the libraries that write artifacts (torch, onnx, onnxruntime, numpy)."""
+    """The versions of the libraries that write artifacts (torch, onnx, onnxruntime, numpy, and those of
+    :data:`OPTIONAL_WRITERS` that are installed, read from their package metadata without importing them)."""
+    from importlib import metadata
+
     import numpy
     import onnx
     import onnxruntime
     import torch
 
-    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
-            "numpy": numpy.__version__}
+    out = {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+           "numpy": numpy.__version__}
+    for name in OPTIONAL_WRITERS:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
 
 
 def baseline_key(fingerprint: dict[str, Any], weights_id: str) -> str:
