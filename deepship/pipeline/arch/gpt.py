@@ -153,7 +153,7 @@ def build_variant(ctx: Any, name: str) -> Any:
 
     Args:
         ctx: a :class:`~deepship.pipeline.context.ModelContext` of ``gpt`` or ``gpt-draft``.
-        name: ``fp32-torch``, ``fp32-onnx``, ``int8-dynamic``, ``int4-b32``, ``int4-b128`` or an alias
+        name: ``fp32-torch``, ``fp32-onnx``, ``fp32-onnx-fused``, ``int8-dynamic``, ``int4-b32``, ``int4-b128`` or an alias
             (``torch``, ``fp32``, ``int8``, ``int4``).
 
     Raises:
