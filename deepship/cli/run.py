@@ -64,8 +64,8 @@ def serve_cmd(refs: List[str] = typer.Argument(..., help="a report.json, or .onn
 def generate_cmd(model: str = typer.Argument("gpt", help="decoder zoo name (gpt)"),
                  prompt: str = typer.Option(..., "--prompt", help="prompt text"),
                  max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="token limit"),
-                 variant: str = typer.Option("fp32-onnx", help="fp32-torch | fp32-onnx | fp32-onnx-fused | int8-dynamic | int4-b32 | "
-                                             "int4-b128 (aliases torch, fp32, int8, int4)"),
+                 variant: str = typer.Option("fp32-onnx", help="fp32-torch | fp32-onnx | fp32-onnx-fused | int8-dynamic | "
+                                             "int4-b32 | int4-b128 (aliases torch, fp32, int8, int4)"),
                  speculative: bool = typer.Option(False, "--speculative", help="speculative decoding with --draft"),
                  draft: str = typer.Option("gpt-draft", help="draft model for --speculative"),
                  k: int = typer.Option(4, "--k", help="draft tokens proposed per round"),

@@ -48,8 +48,8 @@ PRUNE_FINETUNE_STEPS = 300
 def plan(spec: ModelSpec, default_plan: list) -> list:
     """The decoder's report rows: FP32 torch (baseline), FP32 ONNX (prefill + decode graphs with the KV
     cache), FP32 ONNX with fused attention (``fp32-onnx-fused``: the graph that continuous batching
-    serves, :mod:`deepship.exporters.fused`), INT8 dynamic, INT4 weight-only with block sizes 32 and 128; with ``pruned``, half the
-    attention heads and MLP width removed (:func:`pruning_support`) and fine-tuned
+    serves, :mod:`deepship.exporters.fused`), INT8 dynamic, INT4 weight-only with block sizes 32 and
+    128; with ``pruned``, half the attention heads and MLP width removed (:func:`pruning_support`) and fine-tuned
     :data:`PRUNE_FINETUNE_STEPS` steps, carried on to ONNX with the KV cache and INT4; and LoRA adapters
     trained on :data:`LORA_TEXT` and merged (:mod:`deepship.pipeline.finetune`), carried on the same way
     (neither for the draft: a spec whose ``extra["draft"]`` is ``None``)."""
