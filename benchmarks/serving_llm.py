@@ -126,7 +126,7 @@ def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def write_report(tmp: Path, ctx, vs: dict) -> Path:
+def write_report(tmp: Path, vs: dict) -> Path:
     models = [{"model": name, "inputs": [str(t) for t in c.spec.inputs],
                "variants": [{"variant": vn, "format": "onnx", "status": "ok", "precision": "fp32", "artifact": str(v.path)}
                             for vn, v in variants.items()]} for name, (c, variants) in vs.items()]
@@ -232,7 +232,7 @@ def main() -> None:
     from deepship.models import gpt as G
     from deepship.pipeline.arch import gpt as AG
     from deepship.runtimes.generate import generate
-    from deepship.runtimes.kvcache import KVLayout
+    from deepship.runtimes.kvcache import KVLayout, make_runner
     from deepship.runtimes.kvpool import FusedRunner
     from deepship.runtimes.session import OrtSession
 
@@ -245,7 +245,6 @@ def main() -> None:
     prompts = [G.decode(w[: int(n)].tolist()) for w, n in zip(windows, rng.integers(8, 201, args.clients))]
     direct = FusedRunner(OrtSession(fused_v.path, threads=1), layout)
     refs = [generate(direct, G.encode(p), args.max_tokens).row(0).tolist() for p in prompts]
-    from deepship.runtimes.kvcache import make_runner
     plain_direct = make_runner(OrtSession(plain_v.path, threads=1), layout,
                                OrtSession(Path(plain_v.dir) / "prefill.onnx", threads=1))
     refs_plain = [generate(plain_direct, G.encode(p), args.max_tokens).row(0).tolist() for p in prompts]
@@ -256,7 +255,7 @@ def main() -> None:
                  "prompt_tokens": [len(G.encode(p)) for p in prompts],
                  "direct_fused_equals_direct_plain": sum(a == b for a, b in zip(refs, refs_plain))}
     tmp = Path(tempfile.mkdtemp(prefix="serving-llm-"))
-    report = write_report(tmp, ctx, {"gpt": (ctx, {"fp32-onnx": plain_v, "fp32-onnx-fused": fused_v}),
+    report = write_report(tmp, {"gpt": (ctx, {"fp32-onnx": plain_v, "fp32-onnx-fused": fused_v}),
                                      "gpt-draft": (dctx, {"fp32-onnx": draft_v})})
 
     # 1. today vs batched vs single, interleaved rounds

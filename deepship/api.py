@@ -16,6 +16,7 @@ Example::
 """
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import time
@@ -474,9 +475,9 @@ def transcribe_folder(folder: str | Path, tsv: str | Path, variant: str = ASR_DE
         rows.append(row)
         if on_file is not None:
             on_file(row)
-    clean = lambda x: "" if x is None else str(x).replace("\t", " ").replace("\n", " ")  # noqa: E731
-    with atomic_file(Path(tsv)) as tmp:
-        Path(tmp).write_text("file\ttext\tseconds\trtf\terror\n" + "".join(
-            "\t".join(clean(r[k]) for k in ("file", "text", "seconds", "rtf", "error")) + "\n" for r in rows),
-            encoding="utf-8")
+    cols = ("file", "text", "seconds", "rtf", "error")
+    with atomic_file(Path(tsv)) as tmp, open(tmp, "w", encoding="utf-8", newline="") as fh:
+        w = csv.writer(fh, delimiter="\t", lineterminator="\n")
+        w.writerow(cols)
+        w.writerows([("" if r[c] is None else r[c]) for c in cols] for r in rows)
     return rows

@@ -33,13 +33,13 @@ row by row (:mod:`deepship.runtimes.kvpool`).
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import ExportError
+from .onnx import save_onnx
 
 FUSED_FILE = "decode.onnx"
 #: ``com.microsoft`` opset of the contrib ops
@@ -150,10 +150,7 @@ def export_fused(model: Any, cfg: Any, path: str | Path) -> Path:
         onnx.checker.check_model(m)
     except onnx.checker.ValidationError as e:
         raise ExportError(f"the fused graph is invalid: {str(e).splitlines()[0]}") from None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    onnx.save_model(m, str(tmp))
-    os.replace(tmp, path)
+    save_onnx(m, path)
     return path
 
 

@@ -331,8 +331,9 @@ def make_runner(session: Session, layout: KVLayout, prefill_session: Session | N
     """
     from .kvpool import FusedRunner, fused_graph
 
-    if fused_graph(session) is not None:  # the fused-attention graph updates its cache in place: one runner fits
-        return FusedRunner(fused_graph(session), layout)
+    fused = fused_graph(session)
+    if fused is not None:  # the fused-attention graph updates its cache in place: one runner fits
+        return FusedRunner(fused, layout)
     if mode == "recompute":
         return RecomputeRunner(prefill_session or session, layout)
     missing = [n for n in ["input_ids"] + layout.past_names if n not in session.input_names]

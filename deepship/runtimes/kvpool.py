@@ -27,7 +27,7 @@ import numpy as np
 from ..errors import InputSpecError
 from ..models.spec import TensorSpec
 from .kvcache import KVLayout, KVRunner
-from .session import Session
+from .session import OrtSession, Session
 
 
 def is_fused(input_names: Any) -> bool:
@@ -60,8 +60,6 @@ class KVPool:
     """
 
     def __init__(self, session: Any, layout: KVLayout, slots: int):
-        from .session import OrtSession
-
         if slots < 1:
             raise InputSpecError(f"KV-cache slots {slots} must be >= 1")
         if not isinstance(session, OrtSession) or not is_fused(session.input_names):
@@ -129,6 +127,15 @@ class KVPool:
         self.lengths[lo:hi] += seq
         return io.get_outputs()[0].numpy()
 
+    def feed(self, ids: np.ndarray, adapters: np.ndarray | None = None) -> np.ndarray:
+        """:meth:`run` over rows ``0 .. rows - 1``, any shape: several rows with several new tokens after
+        a cache, which the CPU kernel refuses in one call, are fed row by row."""
+        rows, seq = ids.shape
+        if rows > 1 and seq > 1 and self.lengths[:rows].any():
+            ad = np.zeros(rows, np.int64) if adapters is None else adapters
+            return np.concatenate([self.run(i, ids[i:i + 1], ad[i:i + 1]) for i in range(rows)])
+        return self.run(0, ids, adapters)
+
     def move(self, src: int, dst: int) -> None:
         """Copy row ``src`` (its filled part) to slot ``dst``; ``src`` keeps its data until reused."""
         if src == dst:
@@ -162,11 +169,7 @@ class FusedRunner(KVRunner):
     def forward(self, ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, np.int64)
         self._check(ids)
-        ad = np.full(ids.shape[0], self.adapter, np.int64)
-        if ids.shape[0] > 1 and ids.shape[1] > 1 and self.length:
-            logits = np.concatenate([self.pool.run(i, ids[i:i + 1], ad[:1]) for i in range(ids.shape[0])])
-        else:
-            logits = self.pool.run(0, ids, ad)
+        logits = self.pool.feed(ids, np.full(ids.shape[0], self.adapter, np.int64))
         self.length += ids.shape[1]
         return logits
 
@@ -243,8 +246,4 @@ class FusedSession(Session):
             for buf, a in zip(pool.buffers, past):
                 buf[:, :, :p] = a
         pool.lengths[:] = p
-        if b > 1 and s > 1 and p:
-            logits = np.concatenate([pool.run(i, ids[i:i + 1]) for i in range(b)])
-        else:
-            logits = pool.run(0, ids)
-        return [logits] + [buf[:, :, :p + s].copy() for buf in pool.buffers]
+        return [pool.feed(ids)] + [buf[:, :, :p + s].copy() for buf in pool.buffers]

@@ -228,9 +228,9 @@ class DecodeScheduler:
 
     def _iteration(self) -> None:
         self._prefill()
-        live = [i for i, q in enumerate(self.running) if not q.cancelled]
-        if len(live) < len(self.running):
-            self._leave([i for i in range(len(self.running)) if i not in set(live)], Cancelled("cancelled"))
+        gone = [i for i, q in enumerate(self.running) if q.cancelled]
+        if gone:
+            self._leave(gone, Cancelled("cancelled"))
         if not self.running:
             return
         t0 = time.perf_counter()

@@ -28,8 +28,7 @@ from ...models.gpt import GPT, REPORT_PROMPT_TOKENS, GPTConfig, config_of, draft
 from ...models.spec import ModelSpec
 from ...runtimes.generate import generate, speculative_generate
 from ...runtimes.kvcache import KVLayout, make_runner
-from ...runtimes.kvpool import FusedSession
-from ...runtimes.session import OrtSession
+from ...runtimes.session import OrtSession, open_onnx
 from .. import finetune as FT
 from ..adapters import ArchAdapter, register_adapter
 from ..context import ModelContext
@@ -260,7 +259,7 @@ def _export_fused_stage(ctx: ModelContext, parent: Variant, params: dict, out: P
     module = ctx.torch_session(parent).module.eval()
     cfg = variant_config(ctx, parent)
     path = export_fused(module, cfg, out / FUSED_FILE)
-    session = FusedSession(OrtSession(path, threads=1))
+    session = open_onnx(path, threads=1)  # a FusedSession: the plain decoder interface decode_parity drives
     steps = int(params.get("steps", PARITY_STEPS))
     par = decode_parity(module, cfg, session, session, heldout_prompts(2, 16), steps=steps) if steps else None
     return [path.name], {"opset": FUSED_OPSET, "parity_steps": par, "graphs": {"decode": FUSED_FILE},
