@@ -181,12 +181,26 @@ def test_openvino_engine_matches_fp32_torch(mlp, precision):
 
 
 @needs_openvino
+def test_openvino_bf16_records_the_precision_that_ran(mlp):
+    """BF16 runs in BF16 only where the CPU has it (AMX / AVX-512 BF16); the row says which ran."""
+    ctx, feeds, ref = mlp
+    v = api.engine(ctx, "openvino", "bf16")
+    assert v.precision == "bf16" and v.info["inference_precision"] in ("bf16", "f32")
+    got = ctx.session(v).run_batched(feeds)["logits"]
+    err = float(abs(got - ref).max() / abs(ref).max())
+    assert err < (2e-2 if v.info["inference_precision"] == "bf16" else 1e-5)
+    assert (got.argmax(1) == ref.argmax(1)).mean() > 0.97
+
+
+@needs_openvino
 def test_openvino_bad_options_are_one_line(mlp, cli):
     ctx, _, _ = mlp
-    with pytest.raises(StageError, match="builds fp32, int8"):
+    with pytest.raises(StageError, match="builds fp32, bf16, int8"):
         api.engine(ctx, "openvino", "fp16")
     with pytest.raises(StageError, match="performance hint"):
         api.engine(ctx, "openvino", "fp32", hint="fastest")
+    with pytest.raises(StageError, match="inference_precision bf16 is not valid for an openvino fp32"):
+        api.engine(ctx, "openvino", "fp32", inference_precision="bf16")
     code, _, err = cli("engine", "mlp", "--backend", "openvino", "--precision", "int8", "--ignored", "no_such_node",
                        "--no-measure", "-o", "/tmp/deepship-ov-test-never-written")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "nncf.quantize failed" in err
@@ -290,5 +304,5 @@ def test_report_engine_rows_take_a_precision(mlp):
     rows = extra_entries(ctx, ["openvino", "openvino:int8"])
     assert [(r[0], r[3]["precision"], r[4]) for r in rows] == [("openvino-engine", "fp32", "fp32-onnx"),
                                                              ("openvino-engine-int8", "int8", "fp32-onnx")]
-    with pytest.raises(StageError, match="builds fp32, int8"):
+    with pytest.raises(StageError, match="builds fp32, bf16, int8"):
         extra_entries(ctx, ["openvino:fp16"])

@@ -1,17 +1,22 @@
 """The OpenVINO engine backend: OpenVINO's IR from the ONNX model, INT8 by NNCF post-training quantization.
 
-``optimize engine MODEL --backend openvino --precision fp32|int8 [--hint latency|throughput]``:
+``optimize engine MODEL --backend openvino --precision fp32|bf16|int8 [--hint latency|throughput]``:
 
 - ``fp32``: ``openvino.convert_model`` reads the FP32 ONNX variant (dynamic dims kept) and
   ``openvino.save_model`` writes ``model.xml`` + ``model.bin`` with FP32 weights
   (``compress_to_fp16=False``).
+- ``bf16``: the same FP32 IR, compiled with ``INFERENCE_PRECISION_HINT = bf16``: OpenVINO's CPU plugin
+  then runs MatMul/Conv in BF16 (AMX tiles or AVX-512 BF16 where the CPU has them). On a CPU without
+  native BF16 the plugin keeps f32; the precision that ran is read back from the compiled model and
+  recorded, so a row never claims BF16 it did not get.
 - ``int8``: the same model quantized by ``nncf.quantize`` (NNCF post-training quantization: per-channel
   symmetric INT8 weights, activations calibrated on the model's calibration samples, the ``MIXED``
-  preset; ``--ignored NODE,...`` keeps named nodes in float, e.g. from a sensitivity table).
+  preset; ``--ignored NODE,...`` keeps named nodes in float, e.g. from a sensitivity table; the
+  ``inference_precision`` parameter, ``f32`` by default or ``bf16``, is what those float layers run in).
 
 The session compiles the IR for the CPU with the recorded performance hint (``LATENCY`` by default:
 one stream; ``THROUGHPUT``: OpenVINO picks streams for parallel requests) and
-``INFERENCE_PRECISION_HINT = f32``. Without that hint OpenVINO runs FP32 layers in BF16 on CPUs with
+``INFERENCE_PRECISION_HINT = f32`` for fp32 and int8. Without that hint OpenVINO runs FP32 layers in BF16 on CPUs with
 AVX-512 BF16 or AMX (this VM's Xeon), which changes the numbers an FP32 row is supposed to keep; the
 precision that ran, the hint, the stream count and the device go in ``engine.json`` and the row.
 
@@ -33,6 +38,8 @@ from ..session import Session
 from . import BuildSource, register_backend
 
 HINTS = {"latency": "LATENCY", "throughput": "THROUGHPUT"}
+#: what the float layers run in, by engine precision (int8: the layers NNCF left in float)
+FLOAT_PRECISIONS = ("f32", "bf16")
 
 
 class OpenVinoBackend:
@@ -40,7 +47,7 @@ class OpenVinoBackend:
 
     name = "openvino"
     consumes = "onnx"
-    precisions = ("fp32", "int8")
+    precisions = ("fp32", "bf16", "int8")
 
     def available(self) -> tuple[bool, str]:
         try:
@@ -69,12 +76,16 @@ class OpenVinoBackend:
         hint = str(params.get("hint") or "latency").lower()
         if hint not in HINTS:
             raise StageError(f"--hint {hint} is not an OpenVINO performance hint; use latency or throughput")
+        infer = "bf16" if precision == "bf16" else str(params.get("inference_precision") or "f32").lower()
+        if infer not in FLOAT_PRECISIONS or (precision == "fp32" and infer != "f32"):
+            raise StageError(f"inference_precision {infer} is not valid for an openvino {precision} engine; "
+                             "use f32 (or bf16 for the float layers of int8)")
         try:
             model = ov.convert_model(str(source.path))
         except Exception as e:  # openvino raises its own exception types
             raise StageError(f"openvino cannot convert {source.path}: {str(e).strip().splitlines()[0][:200]}") from None
         info: dict[str, Any] = {"openvino": ov.__version__, "precision": precision, "hint": HINTS[hint], "device": "CPU",
-                                "provider": "openvino:CPU"}
+                                "provider": "openvino:CPU", "inference_precision_requested": infer}
         if precision == "int8":
             info.update(_quantize(model, source, params))
             model = info.pop("_model")
@@ -91,14 +102,27 @@ class OpenVinoBackend:
 
 
 def _quantize(model: Any, source: BuildSource, params: dict) -> dict:
-    """NNCF post-training quantization of ``model`` on the source's calibration samples."""
+    """NNCF post-training quantization of ``model`` on the source's calibration samples.
+
+    ``params`` (all optional): ``ignored`` (node names kept in float, comma-separated), ``samples``
+    (calibration samples used, at most what the model has), ``smooth_quant`` (SmoothQuant alpha for
+    MatMul, Xiao et al. 2023 as NNCF implements it: NNCF applies 0.95 to transformers by default; a
+    negative value turns it off), ``overflow_fix`` (``first_layer_only``, NNCF's default: 7-bit weights
+    in the first layer against u8s8 saturation on CPUs without VNNI; ``enable``; ``disable``).
+    """
+    import logging
+
     import nncf
+    from nncf.quantization.advanced_parameters import (AdvancedQuantizationParameters, AdvancedSmoothQuantParameters,
+                                                       OverflowFix)
 
     if source.calibration is None:
         raise StageError(f"INT8 needs calibration data and '{source.name}' has none; pass --calibration-data")
     samples, described = source.calibration()
     names = list(samples)
     n = len(samples[names[0]])
+    if params.get("samples"):
+        n = max(1, min(n, int(params["samples"])))
     items = [{k: np.ascontiguousarray(samples[k][i:i + 1]) for k in names} for i in range(n)]
     ignored = [s for s in str(params.get("ignored") or "").split(",") if s]
     kwargs: dict[str, Any] = {"subset_size": n, "preset": nncf.QuantizationPreset.MIXED}
@@ -109,6 +133,19 @@ def _quantize(model: Any, source: BuildSource, params: dict) -> dict:
         kwargs["model_type"] = nncf.ModelType.TRANSFORMER
     if ignored:
         kwargs["ignored_scope"] = nncf.IgnoredScope(names=ignored, validate=True)
+    advanced: dict[str, Any] = {}
+    sq = params.get("smooth_quant")
+    if sq is not None:
+        advanced["smooth_quant_alphas"] = AdvancedSmoothQuantParameters(matmul=float(sq))
+    fix = params.get("overflow_fix")
+    if fix is not None:
+        fixes = {f.value: f for f in OverflowFix}
+        if fix not in fixes:
+            raise StageError(f"overflow_fix {fix} is not an NNCF overflow fix; use one of {', '.join(fixes)}")
+        advanced["overflow_fix"] = fixes[fix]
+    if advanced:
+        kwargs["advanced_parameters"] = AdvancedQuantizationParameters(**advanced)
+    logging.getLogger("nncf").setLevel(logging.WARNING)  # one INFO line per ignored node otherwise
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # NNCF draws progress bars on stdout
             q = nncf.quantize(model, nncf.Dataset(items), **kwargs)
@@ -116,7 +153,8 @@ def _quantize(model: Any, source: BuildSource, params: dict) -> dict:
         raise StageError(f"nncf.quantize failed: {str(e).strip().splitlines()[0][:200]}") from None
     return {"_model": q, "quantizer": f"nncf {nncf.__version__} quantize (post-training, preset mixed)",
             "calibration": "nncf PTQ (min-max ranges, fast bias correction)", "calibration_data": described, "calibration_samples": n,
-            "ignored_scope": ignored, "nncf_model_type": "transformer" if transformer else "default"}
+            "ignored_scope": ignored, "nncf_model_type": "transformer" if transformer else "default",
+            "smooth_quant": sq, "overflow_fix": fix or "first_layer_only"}
 
 
 class OpenVinoSession(Session):
@@ -143,7 +181,8 @@ class OpenVinoSession(Session):
         if not path.is_file() or not path.with_suffix(".bin").is_file():
             raise ArtifactError(f"{path} (and its .bin) is missing; rebuild the engine")
         self.threads = threads or default_threads()
-        config = {"PERFORMANCE_HINT": opts.get("hint", "LATENCY"), "INFERENCE_PRECISION_HINT": "f32",
+        config = {"PERFORMANCE_HINT": opts.get("hint", "LATENCY"),
+                  "INFERENCE_PRECISION_HINT": opts.get("inference_precision_requested", "f32"),
                   "INFERENCE_NUM_THREADS": int(self.threads)}
         try:
             self.compiled = ov.Core().compile_model(str(path), "CPU", config)
