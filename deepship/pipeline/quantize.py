@@ -16,7 +16,7 @@ import io
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -34,6 +34,16 @@ _Q_OPS = {"MatMulInteger": "MatMul", "ConvInteger": "Conv", "DynamicQuantizeLSTM
           "DynamicQuantizeMatMul": "MatMul", "MatMulNBits": "MatMul", "QLinearConv": "Conv",
           "QLinearMatMul": "MatMul", "QGemm": "Gemm", "QAttention": "Attention"}
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+
+
+def matching_nodes(model_proto, patterns: Sequence[str],
+                   op_types: Sequence[str] = ("MatMul", "Attention", "Gemm", "Conv")) -> list[str]:
+    """Names of ``op_types`` nodes whose name matches any regex in ``patterns`` (``re.search``): the
+    nodes an ``exclude`` parameter keeps in float (``nodes_to_exclude`` of ONNX Runtime's quantizers)."""
+    import re
+
+    rx = [re.compile(p) for p in patterns]
+    return [n.name for n in model_proto.graph.node if n.op_type in op_types and any(r.search(n.name) for r in rx)]
 
 
 class CalibrationReader:
@@ -142,8 +152,15 @@ def pre_process(src: Path, dst: Path) -> dict:
             return {"symbolic_shape_inference": False, "skipped_because": reason}
 
 
-def int8_dynamic(src: Path, out: Path, per_channel: bool = False) -> dict:
-    """INT8 dynamic quantization (weights INT8, activations quantized per call).
+DYNAMIC_OPS = ("MatMul", "Gemm", "Conv", "LSTM", "Attention")
+
+
+def int8_dynamic(src: Path, out: Path, per_channel: bool = False, exclude: Sequence[str] = (),
+                 op_types: Sequence[str] = DYNAMIC_OPS) -> dict:
+    """INT8 dynamic quantization (weights INT8, activations quantized per call); nodes whose name
+    matches a regex of ``exclude`` stay FP32. ``op_types`` may add ``Gather`` (INT8 embedding tables,
+    ONNX Runtime's ``GatherQuant``): after ``int4-weight-only`` that makes the INT4-MatMul / INT8-embedding
+    mix a size search uses.
 
     Runs ``quant_pre_process`` (symbolic shape inference + ONNX optimizer) first, without which
     ``quantize_dynamic`` skips the LSTM/GRU of a dynamo export (weights built by Slice/Concat).
@@ -155,18 +172,21 @@ def int8_dynamic(src: Path, out: Path, per_channel: bool = False) -> dict:
         pre = Path(td) / "pre.onnx"
         prep = pre_process(src, pre)
         tmp = Path(td) / "q.onnx"
+        excluded = matching_nodes(onnx.load(str(pre)), exclude) if exclude else []
+        # dynamic mode rewrites each Gemm into a MatMul named "<gemm>_MatMul" (+ Add) before it looks at
+        # nodes_to_exclude (onnxruntime.quantization.onnx_model.replace_gemm_with_matmul): name both
         quantize_dynamic(str(pre), str(tmp), weight_type=QuantType.QInt8, per_channel=per_channel,
-                         op_types_to_quantize=["MatMul", "Gemm", "Conv", "LSTM", "Attention"],
-                         extra_options={"MatMulConstBOnly": True})
+                         op_types_to_quantize=list(op_types),
+                         nodes_to_exclude=excluded + [f"{n}_MatMul" for n in excluded], extra_options={"MatMulConstBOnly": True})
         qm = onnx.load(str(tmp))
         _save(qm, out)
     return {"nodes": quantized_nodes(onnx.load(str(src)), qm), "per_channel": per_channel, "pre_process": prep,
-            "library": "onnxruntime.quantization.quantize_dynamic"}
+            "excluded_nodes": excluded, "library": "onnxruntime.quantization.quantize_dynamic"}
 
 
 def int8_static(src: Path, out: Path, calibration: Mapping[str, np.ndarray], method: str = "minmax",
                 per_channel: bool = True, percentile: float = 99.999, num_bins: int = 2048,
-                symmetric_activations: bool = False) -> dict:
+                symmetric_activations: bool = False, exclude: Sequence[str] = (), reduce_range: bool = False) -> dict:
     """INT8 static QDQ quantization calibrated on real samples.
 
     Args:
@@ -174,6 +194,8 @@ def int8_static(src: Path, out: Path, calibration: Mapping[str, np.ndarray], met
         method: ``minmax``, ``percentile`` (``percentile`` of the |activation| histogram) or
             ``entropy`` (KL divergence, TensorRT-style; ``num_bins`` histogram bins really used).
         per_channel: per-output-channel weight scales for Conv/Gemm/MatMul.
+        exclude: regexes of node names kept in FP32 (``nodes_to_exclude``; e.g. from a sensitivity table).
+        reduce_range: 7-bit weights (ONNX Runtime's guard against u8s8 saturation on CPUs without VNNI).
 
     The calibrator is created with ``create_calibrator`` and ``extra_options={"num_bins": ...}``
     (``quantize_static`` alone drops ``num_bins``, making Entropy equal MinMax); its ranges are handed
@@ -207,7 +229,9 @@ def int8_static(src: Path, out: Path, calibration: Mapping[str, np.ndarray], met
         cache = Path(td) / "calib.json"
         save_tensors_data(ranges, cache)
         tmp = Path(td) / "q.onnx"
+        excluded = matching_nodes(onnx.load(str(pre)), exclude) if exclude else []
         quantize_static(str(pre), str(tmp), None, quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                        nodes_to_exclude=excluded, reduce_range=reduce_range,
                         activation_type=QuantType.QUInt8 if not symmetric_activations else QuantType.QInt8,
                         weight_type=QuantType.QInt8, calibrate_method=cm, calibration_cache_path=str(cache),
                         extra_options={"ActivationSymmetric": symmetric_activations})
@@ -216,6 +240,7 @@ def int8_static(src: Path, out: Path, calibration: Mapping[str, np.ndarray], met
     return {"nodes": quantized_nodes(onnx.load(str(src)), qm), "calibration": method,
             "calibration_samples": int(len(next(iter(calibration.values())))), "per_channel": per_channel,
             "num_bins": num_bins if method != "minmax" else None, "format": "QDQ", "pre_process": prep,
+            "excluded_nodes": excluded, "reduce_range": reduce_range,
             "library": "onnxruntime.quantization.quantize_static"}
 
 
@@ -314,12 +339,15 @@ def _onnx_stage(fn_name: str):
         if fn_name == "int8_static":
             calib, desc = ctx.calibration(int(params.get("samples", CALIBRATION_SAMPLES)))
             info = int8_static(parent.path, out / "model.onnx", calib, method=params.get("calibration", "minmax"),
-                                 per_channel=bool(params.get("per_channel", True)))
+                               per_channel=bool(params.get("per_channel", True)),
+                               exclude=tuple(params.get("exclude", ())), reduce_range=bool(params.get("reduce_range", False)))
             info["calibration_data"] = desc
         elif fn_name == "int4_weight_only":
             info = int4_weight_only(parent.path, out / "model.onnx", block_size=int(params.get("block_size", 32)))
         elif fn_name == "int8_dynamic":
-            info = int8_dynamic(parent.path, out / "model.onnx", per_channel=bool(params.get("per_channel", False)))
+            info = int8_dynamic(parent.path, out / "model.onnx", per_channel=bool(params.get("per_channel", False)),
+                                exclude=tuple(params.get("exclude", ())),
+                                op_types=tuple(params.get("op_types", DYNAMIC_OPS)))
         else:
             info = fn(parent.path, out / "model.onnx")
         files = ["model.onnx"] + (["model.onnx.data"] if (out / "model.onnx.data").exists() else [])

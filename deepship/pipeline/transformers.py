@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -23,7 +22,7 @@ import numpy as np
 from ..errors import StageError
 from ..exporters.onnx import save_onnx
 from .context import CALIBRATION_SAMPLES
-from .quantize import CalibrationReader, _working_dir, quantized_nodes
+from .quantize import CalibrationReader, _working_dir, matching_nodes, quantized_nodes
 from .stages import register_stage
 
 # ---- ONNX Runtime transformer fusions -------------------------------------------------------------
@@ -54,12 +53,6 @@ def fuse_transformer(src: Path, out: Path, num_heads: int = 0, hidden_size: int 
 
 # ---- INT8 for transformer encoders ----------------------------------------------------------------
 
-def matching_nodes(model_proto, patterns: Sequence[str], op_types: Sequence[str] = ("MatMul", "Attention", "Gemm")) -> list[str]:
-    """Names of ``op_types`` nodes whose name matches any regex in ``patterns``."""
-    rx = [re.compile(p) for p in patterns]
-    return [n.name for n in model_proto.graph.node if n.op_type in op_types and any(r.search(n.name) for r in rx)]
-
-
 def int8_transformer(src: Path, out: Path, mode: str = "dynamic", calibration: Mapping[str, np.ndarray] | None = None,
                      exclude: Sequence[str] = (), per_channel: bool = True, reduce_range: bool = False,
                      smooth_quant: float | None = None, op_types: Sequence[str] = ("MatMul", "Attention")) -> dict:
@@ -81,7 +74,7 @@ def int8_transformer(src: Path, out: Path, mode: str = "dynamic", calibration: M
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     m = onnx.load(str(src))
-    excluded = matching_nodes(m, exclude) if exclude else []
+    excluded = matching_nodes(m, exclude, ("MatMul", "Attention", "Gemm")) if exclude else []
     extra: dict[str, Any] = {"DefaultTensorType": onnx.TensorProto.FLOAT, "MatMulConstBOnly": True}
     src = Path(src).resolve()
     with tempfile.TemporaryDirectory() as td, contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), \
