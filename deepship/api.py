@@ -43,6 +43,7 @@ from .pipeline.export import export_variant
 from .pipeline.quantize import QUANT_DEFAULT_PARAMS, quantize_variant  # noqa: F401  (part of the API)
 from .pipeline.report import run_report
 from .pipeline.stages import get_stage
+from .pipeline import tune as T
 from .pipeline.variants import Variant
 from .pipeline.variants import publish as _publish
 from .runtimes import asr_stream
@@ -206,6 +207,49 @@ def publish(v: Variant, dest: str | Path) -> list[Path]:
         OutputPathError: ``dest`` cannot be written.
     """
     return _publish(v, dest)
+
+
+def tune(ctx: ModelContext, budget: "T.Budget", out_dir: str | Path, model_args: dict[str, Any],
+         publish_to: str | Path | None = None, **kw: Any) -> dict[str, Any]:
+    """Search for the fastest (or smallest) variant of ``ctx`` within ``budget``
+    (:class:`deepship.pipeline.tune.Tuner`; ``kw``: objective, batch, backends, time_budget_s, threads,
+    ...), write ``tune.json``/``tune.md``/``tune.html``/``recipe.toml`` to ``out_dir`` and copy the
+    chosen variant's files to ``publish_to`` (default ``OUT_DIR/model``).
+
+    ``model_args`` is how the recipe loads the model again: ``{"ref": ..., "inputs": [...], ...}``
+    (the arguments of :func:`load`).
+
+    Returns:
+        the tune result (see :meth:`deepship.pipeline.tune.Tuner.result`) with ``"files"`` added.
+
+    Raises:
+        StageError: no budget, an unknown backend or objective, a model without a metric for --max-drop.
+    """
+    res = T.Tuner(ctx, budget, **kw).run()
+    files = T.write_outputs(res, out_dir, model_args)
+    if res["chosen"]:
+        dest = Path(publish_to) if publish_to is not None else Path(out_dir) / "model"
+        files["model"] = dest
+        _publish(ctx.get(res["chosen"]), dest)
+    res["files"] = {k: str(v) for k, v in files.items()}
+    return res
+
+
+def build_recipe(path: str | Path, strict: bool = True) -> tuple[ModelContext, Variant, dict[str, Any], list[str]]:
+    """Rebuild the variant a ``recipe.toml`` (written by :func:`tune`) describes.
+
+    Returns:
+        (the model's context, the variant, the recipe, warnings).
+
+    Raises:
+        StageError: unreadable recipe, a failing step, or (``strict``) a cache key that differs.
+    """
+    r = T.read_recipe(path)
+    m = dict(r["model"])
+    ctx = load(m.pop("ref"), **{k: v for k, v in m.items() if k in ("inputs", "weights", "data", "metric",
+                                                                    "calibration_data", "train_data", "name")})
+    v, warnings = T.build_recipe(ctx, r, strict=strict)
+    return ctx, v, r, warnings
 
 
 def report(models: Sequence[str | ModelSpec], out_dir: str | Path = "report", **kw: Any) -> dict:

@@ -5,7 +5,7 @@ Nothing else lives here. Each command imports what it uses when it runs, so ``op
 | module | commands |
 |---|---|
 | :mod:`.models` | ``models``, ``train``, ``export``, ``quantize``, ``engine``, ``prune``, ``distill`` |
-| :mod:`.report` | ``report``, ``check``, ``cache ls``, ``cache clear`` |
+| :mod:`.report` | ``report``, ``check``, ``tune``, ``build``, ``cache ls``, ``cache clear`` |
 | :mod:`.run` | ``serve``, ``generate``, ``asr bundle``, ``asr transcribe``, ``deploy triton`` |
 """
 from __future__ import annotations

@@ -103,6 +103,108 @@ def check_cmd(report: Path = typer.Argument(..., help="new report.json"),
 
 
 
+def _duration_s(text: str) -> float:
+    """``"20m"``, ``"90s"``, ``"1h"`` or plain seconds -> seconds."""
+    from ..errors import StageError
+
+    t = text.strip().lower()
+    mult = {"s": 1, "m": 60, "h": 3600}.get(t[-1:], None)
+    try:
+        v = float(t[:-1]) * mult if mult else float(t)
+    except ValueError:
+        raise StageError(f"--time-budget {text} is not a duration; write 20m, 90s or 1h") from None
+    if v <= 0:
+        raise StageError(f"--time-budget {text} must be positive")
+    return v
+
+
+@app.command("tune")
+@user_errors
+def tune_cmd(model: str = typer.Argument(..., help=MODEL_HELP),
+             max_drop: Optional[float] = typer.Option(None, help="max worsening of the metric in its units "
+                                                      "(accuracy: points; the CI gate's max_drop)"),
+             max_rel_drop: Optional[float] = typer.Option(None, help="max relative worsening (0.01 = 1%)"),
+             require: List[str] = typer.Option(None, "--require", help="a bar on an extra measure, NAME>=VALUE or "
+                                               "NAME<=VALUE, e.g. recall@1>=0.95 (repeatable)"),
+             objective: str = typer.Option("latency", help="latency (p50 at --batch) | size (bytes)"),
+             batch: int = typer.Option(32, help="batch size the latency is measured at"),
+             backends: str = typer.Option("torch,onnxruntime,openvino", help="candidates' backends: torch, "
+                                          "onnxruntime, openvino, inductor"),
+             time_budget: str = typer.Option("20m", help="no new trial starts after this long (20m, 90s, 1h)"),
+             max_layers: int = typer.Option(48, help="at most this many layers get a sensitivity trial"),
+             precisions: Optional[str] = typer.Option(None, help="only candidates of these precisions, e.g. "
+                                                      "fp32,int8 (a fleet without BF16 hardware)"),
+             out_dir: Path = typer.Option(Path("tune"), "--out", help="folder for tune.json/.md/.html, "
+                                          "recipe.toml and the chosen model (OUT/model)"),
+             threads: Optional[int] = THREADS,
+             inputs: List[str] = INPUTS, weights: Optional[str] = WEIGHTS, name: Optional[str] = NAME,
+             data: Optional[str] = DATA, calibration_data: Optional[str] = CALIBRATION_DATA,
+             metric: Optional[str] = METRIC):
+    """Find the fastest (or smallest) variant within an accuracy budget, across backends and per layer;
+    print the Pareto front, publish the chosen variant and write recipe.toml (rebuild: optimize build)."""
+    from .. import api
+    from ..pipeline.tune import Budget
+    from ..utils import check_writable
+
+    budget = Budget(max_drop, max_rel_drop, Budget.parse_require(require or [])).check()
+    check_writable(out_dir / "tune.json")
+    tb = _duration_s(time_budget)
+    ctx = load(model, inputs, weights, data, metric, calibration_data=calibration_data, name=name)
+    args = {"ref": model, "inputs": list(inputs or []) or None, "weights": weights, "data": data,
+            "calibration_data": calibration_data, "metric": metric, "name": name}
+    res = api.tune(ctx, budget, out_dir, args, objective=objective, batch=batch, backends=csv(backends),
+                   time_budget_s=tb, threads=threads, max_layers=max_layers, precisions=csv(precisions) or None,
+                   progress=note)
+    unit = "ms" if objective == "latency" else "bytes"
+    out.print(f"Pareto front ({objective} in {unit} at batch {batch} against the drop in {res['metric']}):",
+              highlight=False)
+    for t in res["trials"]:
+        if t["pareto"] or t["name"] == res["chosen"]:
+            val = t["latency_ms"] if objective == "latency" else t["size_bytes"]
+            extra = ", ".join(f"{k} {v}" for k, v in t["extra"].items())
+            out.print(f"  {t['name']:<40} {t['backend']:<12} {val:>10.4g} {unit}  drop {t['drop']:.4g}"
+                      + (f"  ({extra})" if extra else "") + ("  <- chosen" if t["name"] == res["chosen"] else "")
+                      + ("" if t["meets"] else f"  [misses: {t['why']}]"), highlight=False, markup=False)
+    if res["chosen"]:
+        out.print(f"chose {res['chosen']}; wrote {res['files']['model']}/, {res['files']['recipe']}, tune.md and "
+                  f"tune.html in {out_dir}/ ({res['elapsed_s']:.0f} s)", highlight=False, markup=False)
+    else:
+        err.print(f"error: no variant of {ctx.spec.name} met the budget ({len(res['trials'])} tried, see "
+                  f"{out_dir / 'tune.md'}); loosen the budget or add --backends", highlight=False, markup=False)
+        raise typer.Exit(2)
+
+
+@app.command("build")
+@user_errors
+def build_cmd(recipe: Path = typer.Argument(..., help="recipe.toml written by optimize tune"),
+              output: Optional[Path] = typer.Option(None, "-o", "--output", help="destination folder (default "
+                                                    "out/<model>-<variant>)"),
+              strict: bool = typer.Option(True, help="fail when a step's cache key differs from the recipe's"),
+              verify: bool = typer.Option(True, help="evaluate the rebuilt variant and hold it to the recipe's budget")):
+    """Rebuild the variant a tune recipe describes, step by step, and check it is the same one."""
+    from .. import api
+    from ..pipeline.evaluate import evaluate
+    from ..utils import check_writable
+
+    ctx, v, r, warnings = api.build_recipe(recipe, strict=strict)
+    for w in warnings:
+        err.print(f"warning: {w}", highlight=False, markup=False)
+    dest = check_writable(output or Path("out") / f"{ctx.spec.name}-{v.name}")
+    files = api.publish(v, dest)
+    out.print(f"wrote {dest}/ ({', '.join(f.name for f in files)}; {v.size_bytes():,} bytes): {v.name} of "
+              f"{ctx.spec.name}, {len(r.get('step', []))} steps, keys as in the recipe"
+              + ("" if not warnings else " except the ones warned about"), highlight=False, markup=False)
+    target = r.get("target", {})
+    if verify and target.get("metric") is not None:
+        got = evaluate(ctx, ctx.session(v), None)["metric"]
+        out.print(f"{ctx.spec.metric.name if ctx.spec.metric else 'metric'}: {got:.6g} (recipe: {target['metric']:.6g})",
+                  highlight=False)
+        if got is not None and abs(got - target["metric"]) > 1e-4 * max(1.0, abs(target["metric"])):
+            err.print(f"error: the rebuilt {v.name} scores {got:.6g}, the recipe recorded {target['metric']:.6g}",
+                      highlight=False, markup=False)
+            raise typer.Exit(1)
+
+
 cache_app = typer.Typer(no_args_is_help=True, help="The artifact cache ($DEEPSHIP_CACHE, default ./.deepship-cache).")
 app.add_typer(cache_app, name="cache")
 
