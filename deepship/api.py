@@ -43,6 +43,7 @@ from .pipeline.export import export_variant
 from .pipeline.quantize import QUANT_DEFAULT_PARAMS, quantize_variant  # noqa: F401  (part of the API)
 from .pipeline.report import run_report
 from .pipeline.stages import get_stage
+from .pipeline import recipe as R
 from .pipeline import tune as T
 from .pipeline.variants import Variant
 from .pipeline.variants import publish as _publish
@@ -212,7 +213,7 @@ def publish(v: Variant, dest: str | Path) -> list[Path]:
 def tune(ctx: ModelContext, budget: "T.Budget", out_dir: str | Path, model_args: dict[str, Any],
          publish_to: str | Path | None = None, **kw: Any) -> dict[str, Any]:
     """Search for the fastest (or smallest) variant of ``ctx`` within ``budget``
-    (:class:`deepship.pipeline.tune.Tuner`; ``kw``: objective, batch, backends, time_budget_s, threads,
+    (:class:`deepship.pipeline.tune.Tuner`, outputs by :mod:`deepship.pipeline.recipe`; ``kw``: objective, batch, backends, time_budget_s, threads,
     ...), write ``tune.json``/``tune.md``/``tune.html``/``recipe.toml`` to ``out_dir`` and copy the
     chosen variant's files to ``publish_to`` (default ``OUT_DIR/model``).
 
@@ -226,7 +227,7 @@ def tune(ctx: ModelContext, budget: "T.Budget", out_dir: str | Path, model_args:
         StageError: no budget, an unknown backend or objective, a model without a metric for --max-drop.
     """
     res = T.Tuner(ctx, budget, **kw).run()
-    files = T.write_outputs(res, out_dir, model_args)
+    files = R.write_outputs(res, out_dir, model_args)
     if res["chosen"]:
         dest = Path(publish_to) if publish_to is not None else Path(out_dir) / "model"
         files["model"] = dest
@@ -244,11 +245,11 @@ def build_recipe(path: str | Path, strict: bool = True) -> tuple[ModelContext, V
     Raises:
         StageError: unreadable recipe, a failing step, or (``strict``) a cache key that differs.
     """
-    r = T.read_recipe(path)
+    r = R.read_recipe(path)
     m = dict(r["model"])
     ctx = load(m.pop("ref"), **{k: v for k, v in m.items() if k in ("inputs", "weights", "data", "metric",
                                                                     "calibration_data", "train_data", "name")})
-    v, warnings = T.build_recipe(ctx, r, strict=strict)
+    v, warnings = R.build_recipe(ctx, r, strict=strict)
     return ctx, v, r, warnings
 
 

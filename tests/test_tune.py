@@ -12,6 +12,8 @@ import tomli_w
 
 from deepship import api
 from deepship.errors import StageError
+from deepship.pipeline import quantize as Q
+from deepship.pipeline import recipe as R
 from deepship.pipeline import tune as T
 
 
@@ -37,7 +39,7 @@ def test_budget_parsing_and_one_line_errors(cli, tmp_path):
 def test_quantizable_layers_have_names_and_costs(zoo_ctx):
     ctx = zoo_ctx("cnn")
     v = api.export(ctx)
-    layers = T.quantizable_layers(v.path)
+    layers = Q.quantizable_layers(v.path)
     ops = {x.op for x in layers}
     assert {"Conv", "Gemm"} <= ops or {"Conv", "MatMul"} <= ops
     assert all(x.name and x.macs >= 1 for x in layers)
@@ -72,7 +74,7 @@ class _FakeTuner(T.Tuner):
 
 
 def test_mixed_search_keeps_the_sensitive_layers_and_no_more(monkeypatch):
-    layers = [T.Layer(f"n{i}", "MatMul", 100.0) for i in range(9)]
+    layers = [Q.Layer(f"n{i}", "MatMul", 100.0) for i in range(9)]
     drops = {f"n{i}": 0.0 for i in range(9)}
     drops.update(n2=0.4, n7=0.3, n5=0.01)  # n2 and n7 are what breaks the budget
     tuner = _FakeTuner(layers, drops, {"n2", "n7"}, T.Budget(max_drop=0.1))
@@ -148,12 +150,12 @@ def test_recipe_reader_names_the_missing_field(tmp_path):
     p = tmp_path / "r.toml"
     p.write_text('[model]\nref = "mlp"\n[[step]]\nname = "x"\nstage = "export"\n')
     with pytest.raises(StageError, match="step 1 has no method"):
-        T.read_recipe(p)
+        R.read_recipe(p)
     p.write_text('[target]\nvariant = "x"\n')
     with pytest.raises(StageError, match="no \\[model\\] ref"):
-        T.read_recipe(p)
+        R.read_recipe(p)
     with pytest.raises(StageError, match="does not exist"):
-        T.read_recipe(Path(tmp_path / "nope.toml"))
+        R.read_recipe(Path(tmp_path / "nope.toml"))
 
 
 def test_a_budget_no_variant_meets_says_so_in_one_line_and_exits_2(cli, tmp_path):

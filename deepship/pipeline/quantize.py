@@ -15,6 +15,7 @@ import contextlib
 import io
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -23,6 +24,7 @@ import numpy as np
 from ..errors import StageError
 from ..exporters.onnx import save_onnx
 from ..models.train import save_weights
+from ..utils import first_line
 from .context import CALIBRATION_SAMPLES, ModelContext
 from .export import onnx_parent
 from .stages import get_stage, register_stage
@@ -44,6 +46,61 @@ def matching_nodes(model_proto, patterns: Sequence[str],
 
     rx = [re.compile(p) for p in patterns]
     return [n.name for n in model_proto.graph.node if n.op_type in op_types and any(r.search(n.name) for r in rx)]
+
+
+#: ops whose weights the per-layer search (optimize tune) quantizes or keeps in float
+LAYER_OPS = ("MatMul", "Gemm", "Conv", "Attention")
+
+
+@dataclass
+class Layer:
+    """A quantizable node: ``name`` (the ONNX node name, also OpenVINO's friendly name), ``op``, and
+    ``macs``: multiply-accumulates per sample estimated from static shapes (symbolic dims count 1)."""
+
+    name: str
+    op: str
+    macs: float
+
+
+def quantizable_layers(onnx_path: str | Path) -> list[Layer]:
+    """The MatMul/Gemm/Conv nodes with a constant weight (and fused Attention nodes) of an ONNX model,
+    with a cost estimate: output elements per sample times the reduction length.
+
+    Raises:
+        StageError: the file cannot be read as ONNX.
+    """
+    import onnx
+
+    try:
+        m = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as e:
+        raise StageError(f"cannot read {onnx_path} as ONNX: {first_line(e, 160)}") from None
+    try:
+        m = onnx.shape_inference.infer_shapes(m)
+    except Exception:
+        pass
+    inits = {i.name: list(i.dims) for i in m.graph.initializer}
+    shapes: dict[str, list[int]] = {}
+    for vi in list(m.graph.value_info) + list(m.graph.output) + list(m.graph.input):
+        dims = [d.dim_value if d.HasField("dim_value") else 1 for d in vi.type.tensor_type.shape.dim]
+        shapes[vi.name] = dims
+    out = []
+    for n in m.graph.node:
+        if n.op_type not in LAYER_OPS or not n.name:
+            continue
+        w = inits.get(n.input[1]) if len(n.input) > 1 else None
+        if w is None and n.op_type != "Attention":
+            continue  # activation x activation MatMul: nothing to quantize statically
+        y = shapes.get(n.output[0], [])
+        per_sample = float(np.prod(y[1:])) if len(y) > 1 else 1.0
+        if n.op_type == "Conv":
+            red = float(np.prod(w[1:]))
+        elif n.op_type == "Gemm":
+            red = float(w[0] if w else 1)
+        else:
+            red = float(w[0]) if w else 1.0
+        out.append(Layer(n.name, n.op_type, max(per_sample * red, 1.0)))
+    return out
 
 
 class CalibrationReader:
