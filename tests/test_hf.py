@@ -164,3 +164,53 @@ def test_bad_hf_paths_give_one_line_errors(kind, cli, tmp_path):
 def test_unknown_model_message_mentions_hf_paths():
     with pytest.raises(UnknownModelError, match="hf:PATH"):
         resolve("no-such-model")
+
+
+def test_dynamic_padding_merges_lengths_and_equals_each_request_alone(tiny_ctx):
+    """The serving batcher's ``pad_bucket``: requests of different token lengths in one bucket run as
+    one padded batch; every embedding equals the request run alone, and last_hidden_state comes back
+    at each request's own length."""
+    import asyncio
+    import threading
+
+    from deepship.serving import BatcherConfig, DynamicBatcher, PadSpec, load_repository
+
+    m = load_repository([f"tiny={api.export(tiny_ctx).path}"], threads=1).models["tiny"]
+    pad = PadSpec.of(m.inputs, m.outputs)
+    assert pad is not None and "attention_mask" in pad.inputs and pad.outputs == ("last_hidden_state",)
+    assert PadSpec.of([type("T", (), {"name": "x", "dims": ("batch", 8), "dtype": "float32"})()], []) is None
+    path = tiny_ctx.spec.extra["path"]
+    feeds = [hf.tokenize(path, [s]) for s in SENTENCES]
+    lengths = [f["input_ids"].shape[1] for f in feeds]
+    assert len(set(lengths)) == 4
+    seen, gate = [], threading.Event()
+
+    def run(f):
+        if not seen:
+            gate.wait(10)
+        seen.append(f["input_ids"].shape)
+        return m.run(f)
+
+    async def main(bucket):
+        seen.clear()
+        gate.clear()
+        b = DynamicBatcher("tiny", run, BatcherConfig(max_batch_size=8, pad_bucket=bucket), pad=pad)
+        b.start()
+        first = asyncio.ensure_future(b.submit(feeds[0], 1))
+        await asyncio.sleep(0.05)  # held: the rest queue up
+        rest = [asyncio.ensure_future(b.submit(f, 1)) for f in feeds[1:]]
+        await asyncio.sleep(0.05)
+        gate.set()
+        outs = await asyncio.gather(first, *rest)
+        await b.stop()
+        return outs
+
+    outs = asyncio.run(main(16))
+    assert seen[1] == (3, max(lengths[1:]))  # the three queued requests padded to their longest in one batch
+    for f, o, n in zip(feeds, outs, lengths):
+        alone = m.run(f)
+        np.testing.assert_allclose(o["sentence_embedding"], alone["sentence_embedding"], atol=1e-5)
+        assert o["last_hidden_state"].shape[1] == n
+        np.testing.assert_allclose(o["last_hidden_state"], alone["last_hidden_state"], atol=1e-4)
+    asyncio.run(main(0))
+    assert len(seen) == 4  # off: only equal shapes merge, four lengths run alone

@@ -25,6 +25,9 @@ def serve_cmd(refs: List[str] = typer.Argument(..., help="a report.json, or .onn
               max_queue_delay_ms: float = typer.Option(0.0, help="most time the oldest request waits for a batch to "
                                                        "fill, ms"),
               max_queue_size: int = typer.Option(256, help="most queued requests per model; more get 503"),
+              pad_bucket: int = typer.Option(0, help="encoders with an attention_mask: merge requests whose "
+                                             "lengths fall in the same bucket of this many tokens, padded to the "
+                                             "batch's longest (dynamic padding; 0: only equal shapes merge)"),
               timeout: float = typer.Option(10.0, help="per-request timeout, s"),
               max_body_mb: float = typer.Option(16.0, help="largest request body, MiB"),
               threads: Optional[int] = typer.Option(None, help="intra-op threads per model (default: cores - 1)"),
@@ -43,9 +46,9 @@ def serve_cmd(refs: List[str] = typer.Argument(..., help="a report.json, or .onn
     if not 0 <= port <= 65535:
         raise ServingError(f"--port {port} is not a TCP port; give 1 to 65535 (0: any free port)")
     if (max_batch_size < 1 or max_queue_size < 1 or timeout <= 0 or max_body_mb <= 0 or max_queue_delay_ms < 0
-            or kv_slots < 1 or prefill_chunk < 1):
+            or kv_slots < 1 or prefill_chunk < 1 or pad_bucket < 0):
         raise ServingError("--max-batch-size, --max-queue-size, --timeout, --max-body-mb, --kv-slots and "
-                           "--prefill-chunk must be positive and --max-queue-delay-ms non-negative")
+                           "--prefill-chunk must be positive and --max-queue-delay-ms and --pad-bucket non-negative")
     adapters = {}
     for a in adapter or []:
         name, sep, folder = a.partition("=")
@@ -54,7 +57,8 @@ def serve_cmd(refs: List[str] = typer.Argument(..., help="a report.json, or .onn
         adapters[name] = folder
     cfg = ServerConfig(host=host, port=port, threads=threads, max_body_bytes=int(max_body_mb * 2 ** 20),
                        kv_slots=kv_slots, prefill_chunk=prefill_chunk, adapters=adapters,
-                       batching=BatcherConfig(batching, max_batch_size, max_queue_delay_ms, max_queue_size, timeout))
+                       batching=BatcherConfig(batching, max_batch_size, max_queue_delay_ms, max_queue_size, timeout,
+                                              pad_bucket=pad_bucket))
     serve(refs, cfg, variants=variant or None, models=model or None,
           log=lambda s: err.print(s, highlight=False, soft_wrap=True))
 

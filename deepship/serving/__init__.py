@@ -15,7 +15,7 @@
 See ``docs/serving.md``.
 """
 from .app import InferenceServer, ServerConfig, create_app  # noqa: F401
-from .batcher import BatcherConfig, DynamicBatcher  # noqa: F401
+from .batcher import BatcherConfig, DynamicBatcher, PadSpec  # noqa: F401
 from .extensions import ServingExtension, register_extension  # noqa: F401
 from .protocol import RequestError  # noqa: F401
 from .repository import ModelRepository, ServedModel, ServingError, load_repository  # noqa: F401

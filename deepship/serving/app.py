@@ -46,7 +46,7 @@ from .. import __version__
 from ..utils import first_line
 from . import asr as _asr  # noqa: F401  (the built-in extensions register on import)
 from . import generate as _generate  # noqa: F401
-from .batcher import BatcherConfig, DynamicBatcher
+from .batcher import BatcherConfig, DynamicBatcher, PadSpec
 from .extensions import extensions
 from .metrics import ServingMetrics
 from .protocol import (HEADER_LENGTH, RequestError, decode_infer_request, encode_infer_response, model_config,
@@ -107,7 +107,7 @@ class InferenceServer:
         self.batchers: dict[str, DynamicBatcher] = {
             m.name: DynamicBatcher(m.name, m.run, replace(self.config.batching, **m.batching),
                                    can_batch=m.max_batch_size > 0,
-                                   observe=self.metrics.observer(m.name))
+                                   observe=self.metrics.observer(m.name), pad=PadSpec.of(m.inputs, m.outputs))
             for m in repository.models.values()
         }
         self.ready = False

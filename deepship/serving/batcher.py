@@ -10,6 +10,14 @@ for the next one, so batches grow with load even with a delay of 0 (Triton's def
 With ``dynamic_batching=False`` the same queue and worker run every request on its own: the
 "batching off" configuration the load test compares against.
 
+**Dynamic padding with length buckets** (``pad_bucket`` > 0, for encoders with an ``attention_mask``,
+see :class:`PadSpec`): requests whose sequence lengths fall in the same bucket of ``pad_bucket``
+tokens merge even when their lengths differ; the batch is padded with 0 to its longest request (as
+sentence-transformers' ``encode`` pads each length-sorted batch to its own longest sentence, and as
+Triton's ragged batching lets a backend do), and outputs with a sequence axis are cut back to each
+request's length. Without it only requests of equal shapes merge, so real sentence lengths give
+batches of one.
+
 Overload is answered, never absorbed: a request finding ``max_queue_size`` requests waiting is
 rejected at once with :class:`~deepship.serving.protocol.RequestError` status 503 and a
 ``Retry-After``; so is a request whose timeout expires before its result is ready (Triton's
@@ -43,6 +51,9 @@ class BatcherConfig:
         timeout_s: default per-request timeout in seconds (queue wait + run); a request's
             ``parameters.timeout`` (microseconds, as in Triton) can only shorten it.
         retry_after_s: the ``Retry-After`` value (seconds) sent with 503 answers.
+        pad_bucket: dynamic padding: requests of sequence lengths in the same bucket of this many
+            tokens merge, padded to the batch's longest (0: off, only equal shapes merge). Applies to
+            models with a :class:`PadSpec`.
     """
 
     dynamic_batching: bool = True
@@ -51,15 +62,45 @@ class BatcherConfig:
     max_queue_size: int = 256
     timeout_s: float = 10.0
     retry_after_s: int = 1
+    pad_bucket: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-class _Pending:
-    __slots__ = ("feeds", "n", "sig", "future", "t_enqueue", "t_start", "timer")
+@dataclass(frozen=True)
+class PadSpec:
+    """Which tensors of a model carry the sequence axis (axis 1) that dynamic padding pads and cuts.
 
-    def __init__(self, feeds, n, sig, future, t_enqueue):
+    Attributes:
+        inputs: every input: int arrays ``(batch, seq)``, one of them the ``attention_mask``, so that
+            padding with 0 leaves each row's result unchanged.
+        outputs: the outputs whose axis 1 is that sequence axis (cut back per request), e.g.
+            ``last_hidden_state`` (batch, seq, hidden); the others (``sentence_embedding``) are per row.
+    """
+
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...] = ()
+
+    @staticmethod
+    def of(inputs: list, outputs: list) -> "PadSpec | None":
+        """The spec of a signature (``TensorSpec``-like: ``name``, ``dims``, ``dtype``), or ``None``
+        when the model is not an encoder padding can serve: not every input ``(batch, seq)`` with the
+        same named ``seq``, an int dtype, and an ``attention_mask``."""
+        if not inputs or "attention_mask" not in [t.name for t in inputs]:
+            return None
+        seqs = {t.dims[1] if len(t.dims) == 2 else None for t in inputs}
+        if len(seqs) != 1 or not isinstance(next(iter(seqs)), str) or any("int" not in t.dtype for t in inputs):
+            return None
+        seq = next(iter(seqs))
+        return PadSpec(tuple(t.name for t in inputs),
+                       tuple(t.name for t in outputs if len(t.dims) >= 2 and t.dims[1] == seq))
+
+
+class _Pending:
+    __slots__ = ("feeds", "n", "sig", "future", "t_enqueue", "t_start", "timer", "length")
+
+    def __init__(self, feeds, n, sig, future, t_enqueue, length=0):
         self.feeds = feeds
         self.n = n
         self.sig = sig
@@ -67,6 +108,7 @@ class _Pending:
         self.t_enqueue = t_enqueue
         self.t_start = 0.0
         self.timer = None
+        self.length = length
 
 
 class DynamicBatcher:
@@ -79,18 +121,20 @@ class DynamicBatcher:
         can_batch: ``False`` for a model without a batch axis (requests are never merged).
         observe: optional ``observe(event, **values)`` callback for metrics: ``("batch", size=,
             compute_s=)``, ``("queue", wait_s=)``, ``("depth", depth=)``.
+        pad: the model's :class:`PadSpec` (dynamic padding when ``config.pad_bucket`` > 0), or ``None``.
 
     Use :meth:`start` inside the event loop, :meth:`submit` per request, :meth:`stop` at shutdown.
     """
 
     def __init__(self, name: str, run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
                  config: BatcherConfig, can_batch: bool = True,
-                 observe: Callable[..., None] | None = None):
+                 observe: Callable[..., None] | None = None, pad: PadSpec | None = None):
         self.name = name
         self.run = run
         self.config = config
         self.can_batch = can_batch and config.dynamic_batching and config.max_batch_size > 1
         self.max_samples = config.max_batch_size if can_batch else 1
+        self.pad = pad if (self.can_batch and pad is not None and config.pad_bucket > 0) else None
         self.observe = observe or (lambda event, **kw: None)
         self._queue: collections.deque[_Pending] = collections.deque()
         self._wakeup: asyncio.Event | None = None
@@ -157,8 +201,13 @@ class DynamicBatcher:
         self.admit()
         loop = asyncio.get_running_loop()
         timeout = self.config.timeout_s if timeout_s is None else min(timeout_s, self.config.timeout_s)
-        sig = tuple((k, v.shape[1:] if self.can_batch else v.shape) for k, v in feeds.items())
-        p = _Pending(feeds, n, sig, loop.create_future(), loop.time())
+        length = 0
+        if self.pad is not None and all(np.ndim(feeds.get(k)) == 2 for k in self.pad.inputs):
+            length = int(feeds[self.pad.inputs[0]].shape[1])
+            sig = ("padded", -(-length // self.config.pad_bucket), tuple(sorted(feeds)))
+        else:
+            sig = tuple((k, v.shape[1:] if self.can_batch else v.shape) for k, v in feeds.items())
+        p = _Pending(feeds, n, sig, loop.create_future(), loop.time(), length)
         p.timer = loop.call_later(timeout, self._expire, p, timeout)
         self._queue.append(p)
         self.observe("depth", depth=len(self._queue))
@@ -230,7 +279,7 @@ class DynamicBatcher:
             try:
                 t0 = time.perf_counter()
                 results = await loop.run_in_executor(self._executor, self._execute, [p.feeds for p in batch],
-                                                     [p.n for p in batch])
+                                                     [p.n for p in batch], [p.length for p in batch])
                 self.observe("batch", size=n, compute_s=time.perf_counter() - t0)
             except asyncio.CancelledError:
                 for p in batch:
@@ -252,10 +301,16 @@ class DynamicBatcher:
                 else:
                     p.future.set_result(r)
 
-    def _execute(self, feeds_list: list[dict[str, np.ndarray]], counts: list[int]) -> list[dict[str, np.ndarray]]:
-        """Merge, run, split (runs in the model's thread; ONNX Runtime releases the GIL)."""
+    def _execute(self, feeds_list: list[dict[str, np.ndarray]], counts: list[int],
+                 lengths: list[int] | None = None) -> list[dict[str, np.ndarray]]:
+        """Merge (padding the sequence axis to the longest request when ``lengths`` differ), run,
+        split and cut the padded outputs back (runs in the model's thread; ONNX Runtime releases the GIL)."""
         if len(feeds_list) == 1:
             return [self.run(feeds_list[0])]
+        longest = max(lengths or [0])
+        if longest and any(n != longest for n in lengths):
+            feeds_list = [{k: (np.pad(v, ((0, 0), (0, longest - v.shape[1]))) if k in self.pad.inputs else v)
+                           for k, v in f.items()} for f in feeds_list]
         merged = {k: np.concatenate([f[k] for f in feeds_list]) for k in feeds_list[0]}
         out = self.run(merged)
         total = sum(counts)
@@ -264,6 +319,7 @@ class DynamicBatcher:
             if np.ndim(v) == 0 or np.shape(v)[0] != total:
                 raise RuntimeError(f"output '{k}' has shape {np.shape(v)}, not ({total}, ...): cannot split the batch")
             parts = np.split(v, np.cumsum(counts)[:-1])
-            for r, part in zip(res, parts):
-                r[k] = part
+            cut = longest and self.pad is not None and k in self.pad.outputs and np.ndim(v) >= 2
+            for r, part, n in zip(res, parts, lengths or [0] * len(res)):
+                r[k] = part[:, :n] if cut else part
         return res
