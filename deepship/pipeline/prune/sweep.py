@@ -143,7 +143,7 @@ def sweep_markdown(rows: list[dict], spec: Any, method: str = "structured") -> s
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 
-_SPARSITY_RE = re.compile(r"^\s*\d*\.?\d+\s*(,\s*\d*\.?\d+\s*)*$")
+_SPARSITY_RE = re.compile(r"^\s*\d*\.?\d+\s*(,\s*\d*\.?\d+\s*)*$", re.ASCII)  # ASCII: float() refuses e.g. \x1f
 
 
 def parse_sparsities(text: str) -> list[float]:
