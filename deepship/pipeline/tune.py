@@ -369,13 +369,15 @@ class Tuner:
         within the budget (the mix can only lose what INT8 embeddings lose on top of it)."""
         if self.objective != "size" or (self.precisions and "int4" not in self.precisions):
             return
-        t4 = next((t for t in self.trials if t.name == "int4-weight-only" and t.meets and not t.error), None)
-        if t4 is None or self._out_of_time("int4-int8"):
+        int4 = [t for t in self.trials if t.meets and not t.error and t.steps
+                and t.steps[-1]["method"] == "int4-weight-only"]  # the plan's int4-b32, int4-b128, pruned-...-int4
+        if not int4 or self._out_of_time("int4-int8"):
             return
+        t4 = min(int4, key=self._key)
         ops = ["Gather", "MatMul", "Gemm", "Conv"]
-        t = self._try("mixed", "onnxruntime", "int4-int8",
-                      lambda: self.ctx.build("int4-int8", "quantize", "int8-dynamic", {"op_types": ops},
-                                             self.ctx.get("int4-weight-only")))
+        t = self._try("mixed", "onnxruntime", f"{t4.name}-int8-embed",
+                      lambda: self.ctx.build(f"{t4.name}-int8-embed", "quantize", "int8-dynamic", {"op_types": ops},
+                                             self.ctx.get(t4.name)))
         t.precision = "int4+int8"
 
     def _build_planned(self, name: str, plan: Sequence[tuple]) -> Variant:
