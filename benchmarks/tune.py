@@ -94,7 +94,7 @@ def minilm(a) -> dict:
 
     def torch_fp32(feeds):
         with torch.inference_mode():
-            return module(**{k: torch.from_numpy(v) for k, v in feeds.items()})["sentence_embedding"].numpy()
+            return module(torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["attention_mask"]))[0].numpy()
 
     contestants["fp32-torch (eager)"] = _Run(torch_fp32, "fp32-torch")
     contestants[f"tuned: {chosen.name}"] = ctx.session(chosen, threads=a.threads)
