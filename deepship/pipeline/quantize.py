@@ -38,18 +38,17 @@ _Q_OPS = {"MatMulInteger": "MatMul", "ConvInteger": "Conv", "DynamicQuantizeLSTM
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 
 
-def matching_nodes(model_proto, patterns: Sequence[str],
-                   op_types: Sequence[str] = ("MatMul", "Attention", "Gemm", "Conv")) -> list[str]:
+#: ops whose weights an ``exclude`` parameter and the per-layer search (optimize tune) keep in float
+LAYER_OPS = ("MatMul", "Gemm", "Conv", "Attention")
+
+
+def matching_nodes(model_proto, patterns: Sequence[str], op_types: Sequence[str] = LAYER_OPS) -> list[str]:
     """Names of ``op_types`` nodes whose name matches any regex in ``patterns`` (``re.search``): the
     nodes an ``exclude`` parameter keeps in float (``nodes_to_exclude`` of ONNX Runtime's quantizers)."""
     import re
 
     rx = [re.compile(p) for p in patterns]
     return [n.name for n in model_proto.graph.node if n.op_type in op_types and any(r.search(n.name) for r in rx)]
-
-
-#: ops whose weights the per-layer search (optimize tune) quantizes or keeps in float
-LAYER_OPS = ("MatMul", "Gemm", "Conv", "Attention")
 
 
 @dataclass
@@ -95,8 +94,6 @@ def quantizable_layers(onnx_path: str | Path) -> list[Layer]:
         per_sample = float(np.prod(y[1:])) if len(y) > 1 else 1.0
         if n.op_type == "Conv":
             red = float(np.prod(w[1:]))
-        elif n.op_type == "Gemm":
-            red = float(w[0] if w else 1)
         else:
             red = float(w[0]) if w else 1.0
         out.append(Layer(n.name, n.op_type, max(per_sample * red, 1.0)))
