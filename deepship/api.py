@@ -35,7 +35,7 @@ from .pipeline import distill as D
 from .pipeline import prune as P
 from .pipeline.arch import asr as AA
 from .pipeline.arch import gpt as AG
-from .pipeline.check import Budget, load_budgets, load_report
+from .pipeline.check import BUDGET_KEYS, Budget, load_budgets, load_report
 from .pipeline.check import check as _check
 from .pipeline.context import ModelContext
 from .pipeline.engines import engine_source
@@ -261,14 +261,13 @@ def report(models: Sequence[str | ModelSpec], out_dir: str | Path = "report", **
 
 def check(report_path: str | Path, baseline_path: str | Path, budgets: str | Path | None = None,
           max_drop: float | None = None, max_rel_drop: float | None = None,
-          latency_tolerance: float | None = None):
+          latency_tolerance: float | None = None, latency_floor_ms: float | None = None):
     """Run the CI gate; returns a :class:`deepship.pipeline.check.GateResult`."""
     r, b = load_report(report_path), load_report(baseline_path)
-    dflt, per_metric, per_variant = load_budgets(budgets, Budget(max_drop, max_rel_drop, latency_tolerance))
+    flags = Budget(max_drop, max_rel_drop, latency_tolerance, latency_floor_ms)
+    dflt, per_metric, per_variant = load_budgets(budgets, flags)
     # flags override the file's [default]
-    dflt = Budget(max_drop if max_drop is not None else dflt.max_drop,
-                  max_rel_drop if max_rel_drop is not None else dflt.max_rel_drop,
-                  latency_tolerance if latency_tolerance is not None else dflt.latency_tolerance)
+    dflt = Budget(*(getattr(flags, k) if getattr(flags, k) is not None else getattr(dflt, k) for k in BUDGET_KEYS))
     return _check(r, b, dflt, per_metric, per_variant)
 
 

@@ -109,6 +109,13 @@ def test_gate_latency_missing_and_toml(small_report, tmp_path, cli):
                 lat["p50_ms"] *= 3
     res = check(slow, rep, Budget(latency_tolerance=0.5))
     assert not res.ok and "latency" in res.failures[0]
+    # the noise floor: a 3x rise fails only where it is more than floor ms
+    rises = [(v["variant"], b, 2 * t["p50_ms"]) for m in rep["models"] for v in m["variants"]
+             for b, t in v["latency_ms"].items()]
+    floor = sorted(r[2] for r in rises)[len(rises) // 2]
+    res = check(slow, rep, Budget(latency_tolerance=0.5, latency_floor_ms=floor))
+    assert 0 < len(res.failures) < len(rises)
+    assert len(res.failures) == sum(r[2] > floor for r in rises)
     other_cpu = json.loads(json.dumps(slow))
     other_cpu["machine"]["cpu"] = "some other CPU"
     assert check(other_cpu, rep, Budget(latency_tolerance=0.5)).ok  # not comparable: noted, not failed

@@ -75,6 +75,8 @@ def check_cmd(report: Path = typer.Argument(..., help="new report.json"),
               max_drop: Optional[float] = typer.Option(None, help="max worsening in metric units (accuracy: points)"),
               max_rel_drop: Optional[float] = typer.Option(None, help="max relative worsening (0.02 = 2%)"),
               latency_tolerance: Optional[float] = typer.Option(None, help="max relative p50 latency rise (same CPU only)"),
+              latency_floor_ms: Optional[float] = typer.Option(None, help="p50 rises below this many ms are timing "
+                                                                "noise, never a regression"),
               summary: Optional[Path] = typer.Option(None, help="also write the Markdown summary here"),
               html: Optional[Path] = typer.Option(None, "--html", help="also write an HTML page: the two runs side "
                                                   "by side, regressions first, with the new run's plots")):
@@ -87,7 +89,7 @@ def check_cmd(report: Path = typer.Argument(..., help="new report.json"),
     for p in (summary, html):
         if p is not None:
             check_writable(p)
-    res = api.check(report, baseline, budgets, max_drop, max_rel_drop, latency_tolerance)
+    res = api.check(report, baseline, budgets, max_drop, max_rel_drop, latency_tolerance, latency_floor_ms)
     md = to_markdown(res)
     print(md)
     if summary:

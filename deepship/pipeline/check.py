@@ -7,13 +7,17 @@ name). Budgets, per metric, respect the metric's direction:
   accuracy, raw units for MAE);
 - ``max_rel_drop``: largest allowed relative worsening (0.02 = 2%);
 - ``latency_tolerance``: largest allowed relative increase of p50 latency at any batch size (checked
-  only when both reports come from the same CPU model; ``None`` disables it).
+  only when both reports come from the same CPU model; ``None`` disables it);
+- ``latency_floor_ms``: a p50 rise smaller than this many milliseconds is timing noise, not a
+  regression, whatever its ratio (a 0.04 ms MLP call that takes 0.07 ms on a loaded runner is +75%;
+  ``None`` or 0: every rise over the tolerance counts).
 
 Budgets come from flags or a TOML file::
 
     [default]
     max_drop = 1.0
     latency_tolerance = 0.5
+    latency_floor_ms = 0.1
     [metrics.mae]
     max_rel_drop = 0.05
     [variants."cnn/int8-static"]
@@ -44,9 +48,10 @@ class Budget:
     max_drop: float | None = None
     max_rel_drop: float | None = None
     latency_tolerance: float | None = None
+    latency_floor_ms: float | None = None
 
 
-BUDGET_KEYS = ("max_drop", "max_rel_drop", "latency_tolerance")
+BUDGET_KEYS = ("max_drop", "max_rel_drop", "latency_tolerance", "latency_floor_ms")
 
 
 def check_budget(b: Budget, where: str) -> Budget:
@@ -134,8 +139,7 @@ def load_budgets(path: str | Path | None, default: Budget) -> tuple[Budget, dict
         if unknown:
             raise GateError(f"unknown budget key '{sorted(unknown)[0]}' in [{where}] of {p}; use "
                             f"{', '.join(BUDGET_KEYS)}")
-        return check_budget(Budget(d.get("max_drop", base.max_drop), d.get("max_rel_drop", base.max_rel_drop),
-                                   d.get("latency_tolerance", base.latency_tolerance)), f"[{where}] of {p}")
+        return check_budget(Budget(*(d.get(k, getattr(base, k)) for k in BUDGET_KEYS)), f"[{where}] of {p}")
 
     dflt = mk(data.get("default", {}), default, "default")
     metrics = {k: mk(v, dflt, f"metrics.{k}") for k, v in data.get("metrics", {}).items()}
@@ -209,12 +213,14 @@ def check(report: dict, baseline: dict, default: Budget, per_metric: dict[str, B
                     old, newl = lat.get("p50_ms"), (nv.get("latency_ms") or {}).get(bs, {}).get("p50_ms")
                     if not (old and newl):
                         continue
-                    over = newl > old * (1 + b.latency_tolerance)
+                    over = newl > old * (1 + b.latency_tolerance) and newl - old > (b.latency_floor_ms or 0.0)
                     res.latency_rows.append({"variant": label, "batch": bs, "old_ms": old, "new_ms": newl,
-                                             "tolerance": b.latency_tolerance, "status": "over budget" if over else "ok"})
+                                             "tolerance": b.latency_tolerance, "floor_ms": b.latency_floor_ms,
+                                             "status": "over budget" if over else "ok"})
                     if over:
                         res.failures.append(f"{label}: p50 latency at batch {bs} rose {old:.3f} -> {newl:.3f} ms "
-                                            f"(+{(newl / old - 1) * 100:.0f}%), tolerance {b.latency_tolerance * 100:g}%")
+                                            f"(+{(newl / old - 1) * 100:.0f}%), tolerance {b.latency_tolerance * 100:g}%"
+                                            + (f" and {b.latency_floor_ms:g} ms" if b.latency_floor_ms else ""))
             res.rows.append(row)
     for k in new:
         if not any((bm["model"], bv["variant"]) == k for bm in baseline["models"] for bv in bm["variants"]):
@@ -236,7 +242,8 @@ def to_markdown(res: GateResult) -> str:
                   "| variant | batch | baseline ms | new ms | change | tolerance | status |", "|---|---|---|---|---|---|---|"]
         for r in slow or res.latency_rows[:0]:
             lines.append(f"| {r['variant']} | {r['batch']} | {r['old_ms']:.3f} | {r['new_ms']:.3f} | "
-                         f"{(r['new_ms'] / r['old_ms'] - 1) * 100:+.0f}% | {r['tolerance'] * 100:g}% | {r['status']} |")
+                         f"{(r['new_ms'] / r['old_ms'] - 1) * 100:+.0f}% | {r['tolerance'] * 100:g}%"
+                         + (f" and > {r['floor_ms']:g} ms" if r.get("floor_ms") else "") + f" | {r['status']} |")
         if not slow:
             lines.append("| (none over tolerance) | | | | | | |")
     if res.failures:
