@@ -17,9 +17,13 @@ optionally re-decoded with the CTC prefix beam search over the whole utterance's
 for that: 29 floats per 40 ms). A silence gate returns "" for audio that never exceeds -50 dBFS.
 The fbank's consumed frames are released as the stream goes, so memory stays bounded.
 
+Continuous use (:class:`Endpointer`): an energy voice-activity detector splits an endless stream at
+pauses and emits a final transcript per utterance, each from a fresh :class:`Stream`.
+
 Decoding: greedy CTC (collapse repeats, drop blanks) and the CTC prefix beam search (Graves 2012,
 "Sequence Transduction with Recurrent Neural Networks"; Hannun et al. 2014, "First-Pass Large
-Vocabulary Continuous Speech Recognition using Bi-Directional Recurrent DNNs"), without a language model.
+Vocabulary Continuous Speech Recognition using Bi-Directional Recurrent DNNs"), optionally fused with a
+character n-gram language model (:class:`CharLM`, Witten-Bell smoothing).
 """
 from __future__ import annotations
 
@@ -114,15 +118,88 @@ def ctc_greedy(log_probs: np.ndarray, prev: int = 0) -> tuple[list[int], int]:
     return out, prev
 
 
-def ctc_prefix_beam_search(log_probs: np.ndarray, beam: int = 8, prune: float = -12.0) -> list[int]:
+class CharLM:
+    """A character n-gram language model over the CTC tokens, for :func:`ctc_prefix_beam_search`.
+
+    Interpolated Witten-Bell smoothing (Witten and Bell 1991; the form in Chen and Goodman 1998):
+    ``P(c | h) = (C(h c) + T(h) P(c | h')) / (C(h) + T(h))``, ``T(h)`` the number of distinct characters
+    seen after ``h``, ``h'`` the context without its oldest character, add-one unigrams at the bottom.
+    Every seen context of 0 to ``order - 1`` characters stores its whole distribution (natural log,
+    quantized to 0.05), so a lookup is one dictionary access on the longest seen suffix. An utterance
+    starts after spaces. Built from text in a few seconds (:meth:`build`), saved as ``.npz`` (numpy only).
+    """
+
+    def __init__(self, order: int, chars: str, contexts: list[str], logp: np.ndarray):
+        self.order, self.chars = int(order), chars
+        self.index = {c: i for i, c in enumerate(chars)}
+        self.table = {ctx: logp[i] for i, ctx in enumerate(contexts)}
+
+    @classmethod
+    def build(cls, texts, chars: str, order: int = 4) -> "CharLM":
+        """Count ``texts`` (strings over ``chars``) and smooth; characters outside ``chars`` are dropped."""
+        from collections import defaultdict
+
+        counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        for t in texts:
+            t = " " * (order - 1) + "".join(c for c in t if c in chars).strip()
+            for i in range(order - 1, len(t)):
+                for k in range(order):
+                    counts[t[i - k:i]][t[i]] += 1
+        V = len(chars)
+        dists: dict[str, np.ndarray] = {}
+        for ctx in sorted(counts, key=len):
+            c = counts[ctx]
+            vec = np.array([c.get(ch, 0) for ch in chars], np.float64)
+            n, types = vec.sum(), float((vec > 0).sum())
+            lower = dists[ctx[1:]] if ctx else np.full(V, 1.0 / V)
+            dists[ctx] = (vec + types * lower) / (n + types) if n else lower
+        ctxs = sorted(dists)
+        logp = np.stack([np.log(dists[c]) for c in ctxs])
+        q = np.clip(np.round(-logp / 0.05), 0, 255).astype(np.uint8)
+        return cls(order, chars, ctxs, q.astype(np.float32) * -0.05)
+
+    def logp(self, history: str, ch: str) -> float:
+        """``log P(ch | the last order - 1 characters of history)`` (history padded with spaces)."""
+        h = (" " * (self.order - 1) + history)[-(self.order - 1):] if self.order > 1 else ""
+        while h not in self.table:
+            h = h[1:]
+        return float(self.table[h][self.index[ch]])
+
+    def save(self, path: str | Path) -> None:
+        ctxs = sorted(self.table)
+        q = np.stack([np.round(-self.table[c] / 0.05) for c in ctxs]).astype(np.uint8)
+        with open(path, "wb") as fh:
+            np.savez_compressed(fh, order=self.order, chars=np.array(self.chars), contexts=np.array(ctxs), logp_q=q)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CharLM":
+        with np.load(path, allow_pickle=False) as z:
+            return cls(int(z["order"]), str(z["chars"]), [str(c) for c in z["contexts"]], z["logp_q"].astype(np.float32) * -0.05)
+
+
+def ctc_prefix_beam_search(log_probs: np.ndarray, beam: int = 8, prune: float = -12.0, lm: CharLM | None = None,
+                           tokens: list[str] | None = None, alpha: float = 0.5, beta: float = 1.0) -> list[int]:
     """CTC prefix beam search over ``(frames, vocab)`` log-probs (natural log); returns the best label
     sequence. Per prefix it keeps the log-probability of ending in blank and in non-blank; symbols
-    with log-prob below ``prune`` at a frame are skipped."""
+    with log-prob below ``prune`` at a frame are skipped.
+
+    With ``lm`` (a :class:`CharLM`; ``tokens`` maps labels to characters) prefixes are ranked by
+    ``log P_ctc + alpha log P_lm + beta |prefix|`` (shallow fusion, Hannun et al. 2014)."""
     NEG = -math.inf
 
     def lse(*xs: float) -> float:
         m = max(xs)
         return m if m == NEG else m + math.log(sum(math.exp(x - m) for x in xs))
+
+    lm_score: dict[tuple, float] = {(): 0.0}
+
+    def fused(prefix: tuple) -> float:
+        if lm is None:
+            return 0.0
+        if prefix not in lm_score:
+            hist = "".join(tokens[i] for i in prefix[-lm.order:-1])
+            lm_score[prefix] = fused(prefix[:-1]) + alpha * lm.logp(hist, tokens[prefix[-1]]) + beta
+        return lm_score[prefix]
 
     beams: dict[tuple, tuple[float, float]] = {(): (0.0, NEG)}  # prefix -> (p_blank, p_nonblank)
     for lp in np.asarray(log_probs, np.float64):
@@ -147,8 +224,8 @@ def ctc_prefix_beam_search(log_probs: np.ndarray, beam: int = 8, prune: float = 
                     add(prefix, NEG, pnb + p)  # or collapses into the same symbol
                 else:
                     add(ext, NEG, total + p)
-        beams = dict(sorted(((k, (v[0], v[1])) for k, v in nxt.items()), key=lambda kv: -lse(*kv[1]))[:beam])
-    return list(max(beams.items(), key=lambda kv: lse(*kv[1]))[0])
+        beams = dict(sorted(((k, (v[0], v[1])) for k, v in nxt.items()), key=lambda kv: -(lse(*kv[1]) + fused(kv[0])))[:beam])
+    return list(max(beams.items(), key=lambda kv: lse(*kv[1]) + fused(kv[0]))[0])
 
 
 def _resample_linear(x: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
@@ -247,20 +324,140 @@ class Stream:
         """The greedy transcript so far ("" while the audio has stayed below the silence gate)."""
         return self.text_of(self.labels) if self.heard else ""
 
-    def finalize(self, beam: int = 0) -> str:
+    def finalize(self, beam: int = 0, lm: CharLM | None = None) -> str:
         """Flush the remaining audio and return the final transcript (greedy, or the prefix beam search
-        with ``beam`` > 1). The stream accepts no more audio afterwards."""
+        with ``beam`` > 1, fused with the character LM ``lm`` if given). The stream accepts no more audio
+        afterwards."""
         if not self.finished:
             self.fbank.input_finished()
             self._drain(final=True)
             self.finished = True
         if beam > 1 and self.log_probs and self.heard:
-            return self.text_of(ctc_prefix_beam_search(np.concatenate(self.log_probs), beam))
+            return self.text_of(ctc_prefix_beam_search(np.concatenate(self.log_probs), beam, lm=lm, tokens=self.cfg.tokens))
         return self.partial_result()
 
     @property
     def audio_seconds(self) -> float:
         return self.samples / self.cfg.sample_rate
+
+
+class Endpointer:
+    """Continuous recognition for hours of audio: an energy voice-activity detector cuts the stream at
+    pauses, each utterance runs through its own :class:`Stream` and is finalized at its endpoint.
+
+    Voice activity (per 10 ms frame): the frame's RMS level in dBFS is compared with a noise floor that
+    follows the quietest recent frames (it starts at the first frame's level, at most ``min_level_db +
+    margin_db``, drops at once to a quieter frame and rises by ``floor_rise_db`` per second); a frame is speech when it is ``margin_db`` above the floor and above ``min_level_db``.
+    An utterance starts at the first speech frame (with ``pre_roll_ms`` of the audio before it, so the
+    onset is not cut) and ends after ``min_silence_ms`` without speech, or at ``max_utterance_s``. These
+    are the usual endpoint rules of streaming recognizers (Kaldi's and sherpa-onnx's trailing-silence rule),
+    with the silence measured on the audio instead of decoded blanks. Between utterances the model does
+    not run, and every utterance starts from a fresh state, so memory and drift stay bounded however
+    long the stream is.
+
+    ``accept_waveform`` returns the utterances that ended in that piece, each
+    ``{"text", "start_s", "end_s"}`` (seconds from the start of the stream); utterances whose transcript
+    is empty (a cough, a door) are dropped. ``finalize()`` ends the last one. ``beam`` and ``lm`` are
+    the final decoding of each utterance (:meth:`Stream.finalize`).
+    """
+
+    def __init__(self, model: Any, config: FeatureConfig, resampler=None, min_silence_ms: float = 500.0,
+                 min_speech_ms: float = 100.0, margin_db: float = 12.0, min_level_db: float = -55.0,
+                 floor_rise_db: float = 3.0, pre_roll_ms: float = 200.0, max_utterance_s: float = 20.0, beam: int = 0,
+                 lm: CharLM | None = None):
+        self.model, self.cfg, self.beam, self.lm = model, config, beam, lm
+        self.resampler = resampler or _resample_linear
+        sr = config.sample_rate
+        self.frame = sr // 100
+        self.min_silence = int(min_silence_ms / 10)
+        self.min_speech = max(1, int(min_speech_ms / 10))
+        self.margin, self.min_level, self.rise = margin_db, min_level_db, floor_rise_db / 100
+        self.pre_roll = int(pre_roll_ms / 10)
+        self.max_frames = int(max_utterance_s * 100)
+        self.floor: float | None = None
+        self.buf = np.zeros(0, np.float32)  # samples not yet framed
+        self.history: list[np.ndarray] = []  # the last pre_roll frames, while idle
+        self.stream: Stream | None = None
+        self.n = 0  # frames seen
+        self.start = 0
+        self.speech_frames = 0
+        self.silence_run = 0
+        self.segments: list[dict] = []
+        self.chunks = 0  # model calls so far (the model runs only inside utterances)
+
+    def _level(self, f: np.ndarray) -> float:
+        return 10 * math.log10(float(np.mean(f.astype(np.float64) ** 2)) + 1e-12)
+
+    def accept_waveform(self, samples: np.ndarray, sample_rate: int) -> list[dict]:
+        """Feed mono float32 audio of any length at ``sample_rate`` Hz; returns the utterances it ended.
+
+        Raises:
+            ValueError: non-mono or non-finite samples, or a non-positive rate (as :meth:`Stream.accept_waveform`).
+        """
+        x = np.asarray(samples, np.float32)
+        if x.ndim != 1:
+            raise ValueError(f"samples must be mono, shape (n,); got shape {x.shape} (average the channels)")
+        if int(sample_rate) <= 0:
+            raise ValueError(f"sample_rate must be positive, got {sample_rate}")
+        if not np.all(np.isfinite(x)):
+            raise ValueError("samples hold NaN or infinite values")
+        self.buf = np.concatenate([self.buf, self.resampler(x, int(sample_rate), self.cfg.sample_rate)])
+        done = []
+        k = len(self.buf) // self.frame
+        for i in range(k):
+            r = self._frame(self.buf[i * self.frame:(i + 1) * self.frame])
+            if r is not None:
+                done.append(r)
+        self.buf = self.buf[k * self.frame:]
+        return done
+
+    def _frame(self, f: np.ndarray) -> dict | None:
+        lvl = self._level(f)
+        if self.floor is None:  # a stream may open on speech: the floor starts no higher than quiet-room level
+            self.floor = min(lvl, self.min_level + self.margin)
+        self.floor = lvl if lvl < self.floor else self.floor + self.rise
+        speech = lvl > self.min_level and lvl > self.floor + self.margin
+        self.n += 1
+        if self.stream is None:
+            self.history = (self.history + [f])[-(self.pre_roll + 1):]
+            if not speech:
+                return None
+            self.stream = Stream(self.model, self.cfg)
+            self.start = self.n - len(self.history)
+            self.speech_frames, self.silence_run = 0, 0
+            self.stream.accept_waveform(np.concatenate(self.history), self.cfg.sample_rate)
+            self.history = []
+        else:
+            self.stream.accept_waveform(f, self.cfg.sample_rate)
+        self.speech_frames += speech
+        self.silence_run = 0 if speech else self.silence_run + 1
+        if self.silence_run >= self.min_silence or self.n - self.start >= self.max_frames:
+            return self._end()
+        return None
+
+    def _end(self) -> dict | None:
+        st, self.stream = self.stream, None
+        if st is None:
+            return None
+        text = st.finalize(self.beam, self.lm)
+        self.chunks += len(st.chunk_latencies_ms)
+        seg = {"text": text, "start_s": round(self.start / 100, 2), "end_s": round((self.n - self.silence_run) / 100, 2)}
+        if not text or self.speech_frames < self.min_speech:
+            return None
+        self.segments.append(seg)
+        return seg
+
+    def partial_result(self) -> str:
+        """The current utterance's greedy transcript so far ("" between utterances)."""
+        return self.stream.partial_result() if self.stream is not None else ""
+
+    def finalize(self) -> list[dict]:
+        """End the stream: the last utterance, if one is open (a list of zero or one segment)."""
+        if self.stream is not None and len(self.buf):
+            self.stream.accept_waveform(self.buf, self.cfg.sample_rate)
+        self.buf = np.zeros(0, np.float32)
+        seg = self._end()
+        return [seg] if seg else []
 
 
 def transcribe(model: Any, config: FeatureConfig, samples: np.ndarray, sample_rate: int, chunk_samples: int = 0,
