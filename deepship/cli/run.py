@@ -115,7 +115,9 @@ def asr_bundle_cmd(out_dir: Path = typer.Option(Path("asr-bundle"), "--out", hel
     out.print(f"wrote {res['dir']}/ ({', '.join(res['files'])}): model {res['size_bytes'] / 1024:.0f} KB, "
               f"bundle {res['bundle_bytes'] / 1024:.0f} KB", highlight=False)
     if "cer" in res:
-        out.print(f"held-out voices: CER {res['cer'] * 100:.2f}%, WER {res['wer'] * 100:.2f}%; RTF {res['rtf_1thread']:.4f} "
+        out.print(f"held-out sentences: CER {res['cer'] * 100:.2f}%, WER {res['wer'] * 100:.2f}%; unseen synthesizer: CER "
+                  f"{res['cer_unseen_synth'] * 100:.2f}%; isolated unseen words: CER {res['cer_words'] * 100:.2f}%; "
+                  f"RTF {res['rtf_1thread']:.4f} "
                   f"on 1 thread; per-chunk p50 {res['chunk_ms_p50']:.3f} ms, p99 {res['chunk_ms_p99']:.3f} ms; "
                   f"algorithmic latency {res['algorithmic_latency_ms']:.0f} ms", highlight=False)
 
@@ -127,17 +129,21 @@ def asr_transcribe_cmd(audio: Path = typer.Argument(..., help="audio file (WAV/F
                        tsv: Path = typer.Option(Path("transcripts.tsv"), "--tsv", help="a folder: the TSV written "
                                                 "(file, text, seconds, rtf, error)"),
                        stream: bool = typer.Option(False, "--stream", help="feed 100 ms pieces and print partial results"),
+                       endpoint: bool = typer.Option(False, "--endpoint", help="continuous use: split at pauses (energy "
+                                                     "VAD) and print each utterance as START-END<tab>TEXT (implies --stream)"),
                        variant: str = typer.Option("int8-dynamic", help="fp32-torch | fp32-onnx | int8-dynamic | int8-static"),
                        beam: int = typer.Option(0, help="CTC prefix beam search width for the final result (0: greedy)"),
+                       lm: bool = typer.Option(False, "--lm", help="fuse the character 4-gram LM into the beam search "
+                                               "(needs --beam)"),
                        threads: int = typer.Option(1, help="intra-op threads"),
                        as_json: bool = typer.Option(False, "--json", help="print the result as JSON")):
     """Transcribe an audio file, or every audio file of a folder (to a TSV), with the streaming recognizer."""
     from .. import api
 
     if audio.is_dir():
-        if stream:
-            raise InputSpecError("--stream prints one file's partial results; drop it for a folder")
-        rows = api.transcribe_folder(audio, tsv, variant=variant, beam=beam, threads=threads,
+        if stream or endpoint:
+            raise InputSpecError("--stream and --endpoint read one file; drop them for a folder")
+        rows = api.transcribe_folder(audio, tsv, variant=variant, beam=beam, threads=threads, lm=lm,
                                      on_file=lambda r: err.print(f"{r['file']}: {r['error'] or r['text']}",
                                                                  highlight=False, markup=False))
         bad = sum(bool(r["error"]) for r in rows)
@@ -146,12 +152,16 @@ def asr_transcribe_cmd(audio: Path = typer.Argument(..., help="audio file (WAV/F
             print(json.dumps(rows))
         return
 
-    res = api.transcribe(audio, variant=variant, stream=stream, beam=beam, threads=threads,
-                         on_partial=(lambda t: err.print(f"... {t}", highlight=False, markup=False)) if stream else None)
+    res = api.transcribe(audio, variant=variant, stream=stream, beam=beam, threads=threads, endpoint=endpoint, lm=lm,
+                         on_partial=(lambda t: err.print(f"... {t}", highlight=False, markup=False))
+                         if stream or endpoint else None,
+                         on_segment=(lambda s: out.print(f"{s['start_s']:.2f}-{s['end_s']:.2f}\t{s['text']}", highlight=False,
+                                                         markup=False)) if endpoint and not as_json else None)
     if as_json:
         print(json.dumps(res))
         return
-    out.print(res["text"], highlight=False, markup=False)
+    if not endpoint:
+        out.print(res["text"], highlight=False, markup=False)
     rtf = f", RTF {res['rtf']:.4f}" if res["rtf"] is not None else ""
     err.print(f"{res['seconds']:.2f} s of audio, {res['chunks']} chunks, {res['variant']}{rtf}", highlight=False)
 

@@ -32,9 +32,10 @@ server can stack streams into a batch:
 | ``conv_cache`` | ``(batch, n_layers, d_model, kernel - 1)`` | ``next_conv_cache`` |
 | ``lstm_h``, ``lstm_c`` | ``(batch, lstm_hidden)`` | ``next_lstm_h``, ``next_lstm_c`` |
 
-Files: ``model.py`` (the module, its config, chunk streaming), ``data.py`` (speech synthesized with
-espeak-ng, fbank features, audio files), ``train.py`` (the CTC recipe). The streaming evaluation (CER,
-RTF, chunk latency) is the pipeline's: :mod:`deepship.pipeline.arch.asr`.
+Files: ``model.py`` (the module, its config, chunk streaming), ``data.py`` (the corpus, fbank features,
+audio files), ``text.py`` (open-vocabulary text), ``voices.py`` (synthesizers, augmentation), ``train.py``
+(the CTC recipe). The streaming evaluation (CER, RTF, chunk latency) is the pipeline's:
+:mod:`deepship.pipeline.arch.asr`.
 """
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ def asr_spec() -> ModelSpec:
         metric=CER, data=lambda: chunk_dataset(cfg), recipe=dict(RECIPE), train=_train_spec,
         train_data=corpus, family="asr",
         description=f"streaming Conformer ({cfg.n_layers} blocks, d {cfg.d_model}) + LSTM + CTC, "
-                    f"{cfg.chunk_ms:.0f} ms chunks, espeak-ng speech with noise",
+                    f"{cfg.chunk_ms:.0f} ms chunks, open-vocabulary English from three synthesizers",
         extra={"config": cfg.to_dict()},
     )
 
@@ -118,13 +119,14 @@ def _record(part: "S.SpeechSet", n_utts: int, n: int, seed: int) -> Split:
 
 def chunk_dataset(cfg: ASRConfig = DEFAULT) -> Dataset:
     """Real streaming chunks with their states, recorded by streaming utterances through the trained
-    FP32 model: 256 from training utterances (INT8 calibration) and 128 from held-out ones (the
-    report's drift and per-chunk latency inputs). The metric itself streams whole utterances
-    (:func:`evaluate_cer`)."""
+    FP32 model: 256 from the corpus's calibration utterances (training voices, texts and augmentation;
+    INT8 calibration) and 128 from held-out sentences (the report's drift and per-chunk latency inputs).
+    The metric itself streams whole utterances (:func:`deepship.pipeline.arch.asr.evaluate_cer`)."""
     c = corpus()
-    return Dataset(_record(c.train, 64, 256, 0), _record(c.test, 32, 128, 1),
-                   source=f"espeak-ng speech: {len(c.train)} training utterances ({c.train.seconds.sum() / 3600:.1f} h), "
-                          f"{len(c.test)} held-out (unseen voices and sentences)")
+    return Dataset(_record(c.calib, len(c.calib), 256, 0), _record(c.test, 32, 128, 1),
+                   source=f"synthesized speech (espeak-ng, Festival; Flite unseen): {len(c.test)} held-out sentences "
+                          f"with unseen words, {len(c.sets['unseen_synth'])} by an unseen synthesizer, "
+                          f"{len(c.sets['words'])} isolated unseen words")
 
 
 #: the zoo entries of this family (read by :mod:`deepship.models.zoo`)

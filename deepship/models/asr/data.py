@@ -1,24 +1,25 @@
-"""Speech data for the streaming ASR model: synthesized with espeak-ng, noised, featurized with kaldi-native-fbank.
+"""Speech data for the streaming ASR model: open-vocabulary English text, three synthesizers, augmented
+acoustics, kaldi-native-fbank features.
 
-No speech corpus ships offline, so the corpus is synthesized (seeded, cached):
+No speech corpus ships offline, so the corpus is synthesized (seeded, cached per part, :class:`SpeechCorpus`):
 
-- **sentences**: several hundred distinct everyday sentences and voice-assistant commands, generated
-  from templates (:func:`sentences`); the held-out test sentences never occur in training;
-- **voices**: Debian's ``espeak-ng`` (``apt-get install -y espeak-ng``) with 7 English accents
-  (:data:`ACCENTS`) and voice variants, speed 130-210 words/min, pitch 25-75. Test voices use
-  variants (:data:`TEST_VARIANTS`) that never occur in training;
-- **noise**: additive white, pink or brown noise at 0-20 dB SNR on most training utterances; the test
-  set has a clean copy (the CER bar) and a copy at 10 dB SNR;
+- **text** (:mod:`deepship.models.asr.text`): sentences from everyday templates, tiny-shakespeare, the
+  King James Bible, the Python documentation, spoken numbers/times/names, short phrases and isolated
+  dictionary words; held out by document, with test words never in any training text;
+- **voices** (:mod:`deepship.models.asr.voices`): espeak-ng (7 accents x voice variants) and Festival
+  (three voices from real speakers) in training; Flite (five voices) only in the unseen-synthesizer test set;
+- **acoustics**: speed perturbation, room reverberation (pyroomacoustics), microphone EQ and
+  band-limiting (audiomentations), coloured noise at 0-20 dB SNR, leading/trailing silence on
+  training audio; the sentence test set also has a copy at 10 dB SNR;
 - **features**: 80-dim log-mel filterbank, 25 ms window, 10 ms shift, computed with
   ``kaldi_native_fbank.OnlineFbank`` (:func:`fbank`), which is also what the streaming runner and the
   deployment bundle use, so training, export and deployment see identical features.
 
-Audio is 16 kHz mono float32 in [-1, 1]; espeak-ng's 22.05 kHz output is resampled with ``soxr``.
+Audio is 16 kHz mono float32 in [-1, 1]; synthesizer output is resampled with ``soxr``.
 """
 from __future__ import annotations
 
 import shutil
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,112 +28,32 @@ import numpy as np
 
 from ...errors import DataError
 from ...utils import atomic_file, cache_root, first_line, stable_hash
+from . import text as T
+from . import voices as V
+from .text import sentences  # noqa: F401
+from .voices import ACCENTS, TEST_VARIANTS, TRAIN_VARIANTS, resample  # noqa: F401
 
 SAMPLE_RATE = 16000
 N_MELS = 80
 FRAME_SHIFT_MS = 10
 FRAME_LENGTH_MS = 25
-#: espeak-ng English accents (``espeak-ng --voices=en``)
-ACCENTS = ["en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-029"]
-#: voice variants heard in training, and the held-out ones heard only in the test set
-TRAIN_VARIANTS = ["m1", "m2", "m3", "m4", "m6", "m8", "f1", "f2", "f4", "klatt", "klatt3", "david", "john", "Andy"]
-TEST_VARIANTS = ["m7", "f3", "f5", "klatt2", "Annie", "edward"]
 #: characters of the CTC vocabulary (index 0 is the blank)
 CHARS = " abcdefghijklmnopqrstuvwxyz'"
 VOCAB = ["<blk>"] + list(CHARS)
 
-SPEECH_VERSION = 1
-
-
-def _words_for_number(n: int) -> str:
-    ones = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen " \
-           "sixteen seventeen eighteen nineteen".split()
-    tens = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
-    if n < 20:
-        return ones[n]
-    return tens[n // 10] + ("" if n % 10 == 0 else " " + ones[n % 10])
-
-
-_NAMES = "anna ben carla david emma frank grace henry isabel jack kate liam maria noah olivia peter rosa sam tom " \
-         "victor".split()
-_ROOMS = ["kitchen", "bedroom", "living room", "bathroom", "garage", "office", "hallway", "garden"]
-_DEVICES = ["lights", "heating", "fan", "radio", "television", "coffee machine", "alarm", "music"]
-_WHEN = ["today", "tomorrow", "tonight", "this morning", "this evening", "on monday", "on friday",
-         "at the weekend", "next week", "after lunch"]
-_PLACES = ["station", "library", "market", "park", "doctor", "bakery", "school", "museum", "beach", "post office"]
-_FOODS = ["bread", "milk", "apples", "cheese", "coffee", "tea", "rice", "eggs", "oranges", "soup"]
-_ADJ = ["quiet", "busy", "small", "old", "bright", "cold", "warm", "green", "long", "lovely"]
-_THINGS = ["window", "door", "letter", "book", "bicycle", "umbrella", "jacket", "phone", "key", "bag"]
-
-_TEMPLATES = [
-    lambda r: f"turn {r.choice(['on', 'off'])} the {r.choice(_ROOMS)} {r.choice(_DEVICES)}",
-    lambda r: f"set a timer for {_words_for_number(int(r.integers(2, 60)))} minutes",
-    lambda r: f"wake me up at {_words_for_number(int(r.integers(1, 13)))} {r.choice(['thirty', 'fifteen', 'oclock'])}",
-    lambda r: f"call {r.choice(_NAMES)} {r.choice(['now', 'later', 'on the mobile', 'at home', 'back'])}",
-    lambda r: f"what is the weather like {r.choice(_WHEN)}",
-    lambda r: f"remind me to buy {r.choice(_FOODS)} {r.choice(_WHEN)}",
-    lambda r: f"{r.choice(['turn up', 'turn down', 'mute', 'pause', 'resume'])} the {r.choice(['volume', 'music', 'radio', 'podcast'])}",
-    lambda r: f"how do i get to the {r.choice(_PLACES)} from here",
-    lambda r: f"send a message to {r.choice(_NAMES)} saying i will be "
-              f"{r.choice(['late', 'early', 'home soon', 'there at ' + _words_for_number(int(r.integers(1, 13)))])}",
-    lambda r: f"{r.choice(_NAMES)} is going to the {r.choice(_PLACES)} {r.choice(_WHEN)}",
-    lambda r: f"could you please close the {r.choice(_THINGS)}",
-    lambda r: f"i would like {r.choice(['a cup of', 'some more', 'a little'])} {r.choice(_FOODS)} please",
-    lambda r: f"the {r.choice(_ADJ)} {r.choice(_THINGS)} is in the {r.choice(_ROOMS)}",
-    lambda r: f"have you seen my {r.choice(_THINGS)} {r.choice(['anywhere', 'today', 'in the ' + r.choice(_ROOMS)])}",
-    lambda r: f"we need {_words_for_number(int(r.integers(2, 13)))} {r.choice(_FOODS)} for {r.choice(['dinner', 'the party', 'breakfast', 'the weekend'])}",
-    lambda r: f"the {r.choice(_PLACES)} opens at {_words_for_number(int(r.integers(6, 12)))} {r.choice(_WHEN)}",
-    lambda r: f"it is {r.choice(_ADJ)} in the {r.choice(_ROOMS)} {r.choice(_WHEN)}",
-    lambda r: f"{r.choice(['please', 'can you'])} {r.choice(['repeat that', 'speak slower', 'say that again', 'help me'])}",
-    lambda r: f"my {r.choice(['sister', 'brother', 'friend', 'neighbour', 'doctor'])} {r.choice(_NAMES)} lives near the {r.choice(_PLACES)}",
-    lambda r: f"let us meet at the {r.choice(_PLACES)} at {_words_for_number(int(r.integers(1, 13)))} {r.choice(_WHEN)}",
-]
-
-
-def sentences(n: int = 600, seed: int = 0) -> list[str]:
-    """``n`` distinct lower-case sentences over :data:`CHARS`, generated from templates (seeded)."""
-    rng = np.random.default_rng(seed)
-    out: list[str] = []
-    seen: set[str] = set()
-    tries = 0
-    while len(out) < n and tries < 100 * n:
-        tries += 1
-        s = " ".join(_TEMPLATES[int(rng.integers(len(_TEMPLATES)))](rng).split())
-        if s not in seen and all(c in CHARS for c in s):
-            seen.add(s)
-            out.append(s)
-    return out
+SPEECH_VERSION = 2
 
 
 def espeak_available() -> bool:
-    return shutil.which("espeak-ng") is not None
+    """Whether espeak-ng, the synthesizer every ASR test set uses, is installed."""
+    return V.available("espeak")
 
 
-def synthesize(text: str, voice: str, speed: int, pitch: int) -> np.ndarray:
-    """Speak ``text`` with espeak-ng; float32 ``(samples,)`` at 16 kHz in [-1, 1].
-
-    Raises:
-        DataError: espeak-ng is not installed or fails.
-    """
-    exe = shutil.which("espeak-ng")
-    if exe is None:
-        raise DataError("espeak-ng is not installed; run apt-get install -y espeak-ng (make install does it)")
-    p = subprocess.run([exe, "-v", voice, "-s", str(speed), "-p", str(pitch), "--stdout", text],
-                       capture_output=True, timeout=60)
-    if p.returncode != 0 or len(p.stdout) <= 44:
-        raise DataError(f"espeak-ng failed for voice {voice}: {p.stderr.decode(errors='replace')[:120]}")
-    # espeak-ng's --stdout WAV header carries no valid length: PCM s16le mono 22050 Hz after 44 bytes
-    pcm = np.frombuffer(p.stdout[44:len(p.stdout) - (len(p.stdout) - 44) % 2], dtype="<i2").astype(np.float32) / 32768
-    return resample(pcm, 22050, SAMPLE_RATE)
-
-
-def resample(x: np.ndarray, sr_in: int, sr_out: int = SAMPLE_RATE) -> np.ndarray:
-    """Resample float32 mono audio with ``soxr`` (high quality); a no-op when the rates agree."""
-    if sr_in == sr_out:
-        return np.asarray(x, np.float32)
-    import soxr
-
-    return soxr.resample(np.asarray(x, np.float32), sr_in, sr_out).astype(np.float32)
+def speech_tools_available() -> bool:
+    """Whether every synthesizer and text source of the corpus is installed (espeak-ng, Festival, Flite,
+    bible-kjv, python3.11-doc, wamerican)."""
+    return all(V.available(e) for e in V._EXE) and T.WORDS_FILE.is_file() and T.PYDOCS.is_dir() and \
+        shutil.which("bible") is not None
 
 
 def add_noise(x: np.ndarray, snr_db: float, rng: np.random.Generator, kind: str | None = None) -> np.ndarray:
@@ -211,25 +132,74 @@ class SpeechSet:
                          self.snr_db[idx], self.seconds[idx])
 
 
-@dataclass
+#: the parts of a corpus, each synthesized and cached on its own (a test run never builds ``train``)
+PARTS = ("train", "calib", "sentences", "unseen_synth", "words")
+#: the held-out test sets: seen synthesizers speaking held-out sentences with unseen words, the unseen
+#: synthesizer (Flite) speaking held-out sentences, and isolated unseen dictionary words (every synthesizer)
+TEST_SETS = ("sentences", "unseen_synth", "words")
+
+
 class SpeechCorpus:
-    """Train and held-out sets (test voices and sentences unseen in training); waveforms of the
-    clean test set are kept for streaming measurements (``test_audio``)."""
+    """A seeded speech corpus (:data:`DEFAULT_RECIPE`), its parts synthesized on first use and cached:
 
-    train: SpeechSet
-    test: SpeechSet  # held-out voices and sentences, clean
-    test_noisy: SpeechSet  # the same utterances at 10 dB SNR
-    test_audio: list[np.ndarray]
-    recipe: dict
+    - ``train``: training texts (:func:`deepship.models.asr.text.text_plan`) spoken by
+      :data:`~deepship.models.asr.voices.TRAIN_ENGINES`, augmented (:class:`~deepship.models.asr.voices.Augmenter`);
+    - ``calib``: a few more training-like utterances (INT8 calibration);
+    - ``test`` (= ``sets["sentences"]``): held-out sentences, each with a word no training text has, spoken
+      by held-out espeak-ng variants and the Festival voices; ``test_noisy``: the same at ``test_snr_db``;
+    - ``sets["unseen_synth"]``: held-out sentences spoken by Flite, never heard in training;
+    - ``sets["words"]``: isolated dictionary words never in any training text, spoken by all three.
+
+    Test sets are clean; ``audio(name)`` gives their 16 kHz waveforms (``test_audio`` = the sentences')."""
+
+    def __init__(self, recipe: dict, progress=None):
+        self.recipe = recipe
+        self.progress = progress
+        self._parts: dict[str, tuple[SpeechSet, SpeechSet | None, list | None]] = {}
+
+    def part(self, name: str) -> tuple[SpeechSet, SpeechSet | None, list | None]:
+        if name not in self._parts:
+            self._parts[name] = _part(self.recipe, name, self.progress)
+        return self._parts[name]
+
+    @property
+    def train(self) -> SpeechSet:
+        return self.part("train")[0]
+
+    @property
+    def calib(self) -> SpeechSet:
+        return self.part("calib")[0]
+
+    @property
+    def test(self) -> SpeechSet:
+        return self.part("sentences")[0]
+
+    @property
+    def test_noisy(self) -> SpeechSet:
+        return self.part("sentences")[1]
+
+    @property
+    def test_audio(self) -> list[np.ndarray]:
+        return self.part("sentences")[2]
+
+    @property
+    def sets(self) -> dict[str, SpeechSet]:
+        return {k: self.part(k)[0] for k in TEST_SETS}
+
+    def audio(self, name: str) -> list[np.ndarray]:
+        return self.part(name)[2]
 
 
-DEFAULT_RECIPE = {"sentences": 600, "test_sentences": 100, "train_renditions": 5, "test_renditions": 2,
-                  "clean_fraction": 0.3, "snr_db": [0.0, 20.0], "test_snr_db": 10.0, "seed": 0}
+DEFAULT_RECIPE = {"text": {}, "test_text": {}, "max_words": 12, "calib": 64, "clean_fraction": 0.2,
+                  "snr_db": [0.0, 20.0], "rir_fraction": 0.3, "test_snr_db": 10.0, "seed": 0}
+#: a corpus small enough for a test to synthesize and train on in seconds (same recipe, fewer texts)
+TINY_RECIPE = {"text": {"templates": 20, "shakespeare": 10, "bible": 10, "pydocs": 10, "spoken": 5, "phrases": 10,
+                        "words": 20}, "test_text": {"sentences": 6, "unseen_synth": 6, "words": 6}, "calib": 4}
 
 
-def _render(jobs: list[tuple], workers: int = 4) -> list[np.ndarray]:
+def _render(jobs: list[tuple[str, "V.Voice"]], workers: int = 4) -> list[np.ndarray]:
     with ThreadPoolExecutor(workers) as ex:
-        return list(ex.map(lambda j: synthesize(*j), jobs))
+        return list(ex.map(lambda j: V.synthesize(*j), jobs))
 
 
 def _pack(s: SpeechSet) -> dict:
@@ -259,76 +229,87 @@ def speech_cache() -> Path:
 
 
 def corpus(recipe: dict | None = None, progress=None) -> SpeechCorpus:
-    """The synthesized corpus for ``recipe`` (default :data:`DEFAULT_RECIPE`), from the cache or built
-    now (about 70 s on 2 cores for the default: 2,500 training and 200 + 200 test utterances).
-    A file lock makes parallel processes build it once.
+    """The synthesized corpus for ``recipe`` (default :data:`DEFAULT_RECIPE`). Parts are built on first use
+    and cached (a file lock makes parallel processes build each once): the three test sets take about a
+    minute on 2 cores, the training part (6,200 utterances, about 3 h of audio) about 10 minutes.
 
     Raises:
-        DataError: espeak-ng is missing (the message says how to install it).
+        DataError: a synthesizer or text source is missing (the message names the Debian package).
     """
-    r = {**DEFAULT_RECIPE, **(recipe or {})}
-    key = stable_hash({"speech": r, "v": SPEECH_VERSION, "train": TRAIN_VARIANTS, "test": TEST_VARIANTS})
-    path = speech_cache() / f"corpus-{key}.npz"
+    return SpeechCorpus({**DEFAULT_RECIPE, **(recipe or {})}, progress)
+
+
+def _voices(part: str, n: int, rng: np.random.Generator) -> list["V.Voice"]:
+    if part in ("train", "calib"):
+        engines = list(V.TRAIN_ENGINES)
+        share = np.array([V.TRAIN_ENGINES[e] for e in engines])
+        return [V.pick_voice(str(rng.choice(engines, p=share / share.sum())), rng) for _ in range(n)]
+    if part == "unseen_synth":
+        return [V.pick_voice(V.UNSEEN_ENGINE, rng) for _ in range(n)]
+    engines = ["espeak", "festival"] + (["flite"] if part == "words" else [])
+    return [V.pick_voice(engines[i % len(engines)], rng, held_out=True) for i in range(n)]
+
+
+def _part(r: dict, part: str, progress) -> tuple[SpeechSet, SpeechSet | None, list | None]:
+    key = stable_hash({"speech": r, "v": SPEECH_VERSION, "part": part, "train": V.TRAIN_VARIANTS,
+                       "test": V.TEST_VARIANTS, "engines": V.TRAIN_ENGINES, "unseen": V.UNSEEN_ENGINE})
+    path = speech_cache() / f"corpus-{part}-{key}.npz"
     path.parent.mkdir(parents=True, exist_ok=True)
     import fcntl
 
     with open(path.with_suffix(".lock"), "w") as lock:  # parallel processes (test workers) build it once
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return _load_or_build(path, r, progress)
+        if path.is_file():
+            try:
+                with np.load(path, allow_pickle=False) as z:
+                    audio = None
+                    if "audio" in z:
+                        off = np.concatenate([[0], np.cumsum(z["audio_lens"])])
+                        a = z["audio"].astype(np.float32) / 32767
+                        audio = [a[off[i]:off[i + 1]] for i in range(len(off) - 1)]
+                    return _unpack(z, "s_"), (_unpack(z, "noisy_") if "noisy_lens" in z else None), audio
+            except Exception:  # a corrupt cache entry is rebuilt
+                path.unlink(missing_ok=True)
+        return _build_part(r, part, path, progress)
 
 
-def _load_or_build(path: Path, r: dict, progress) -> SpeechCorpus:
-    if path.is_file():
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                audio_lens = z["audio_lens"]
-                off = np.concatenate([[0], np.cumsum(audio_lens)])
-                audio = z["audio"].astype(np.float32) / 32767
-                return SpeechCorpus(_unpack(z, "train_"), _unpack(z, "test_"), _unpack(z, "noisy_"),
-                                    [audio[off[i]:off[i + 1]] for i in range(len(audio_lens))], r)
-        except Exception:  # a corrupt cache entry is rebuilt
-            path.unlink(missing_ok=True)
+def _build_part(r: dict, part: str, path: Path, progress) -> tuple[SpeechSet, SpeechSet | None, list | None]:
+    seed = int(r["seed"])
+    plan = T.text_plan(r["text"], r["test_text"], seed, int(r["max_words"]))
+    rng = np.random.default_rng([seed, PARTS.index(part)])
+    if part == "calib":
+        texts = [plan["train"][i] for i in rng.permutation(len(plan["train"]))[:int(r["calib"])]]
+    else:
+        texts = plan[part]
+    voices = _voices(part, len(texts), rng)
+    V.require({v.engine for v in voices})
     if progress:
-        progress("synthesizing the speech corpus with espeak-ng (cached afterwards)")
-    rng = np.random.default_rng(int(r["seed"]))
-    sents = sentences(int(r["sentences"]), int(r["seed"]))
-    n_test = int(r["test_sentences"])
-    train_s, test_s = sents[n_test:], sents[:n_test]
+        progress(f"synthesizing the ASR corpus's {part} part: {len(texts)} utterances (cached afterwards)")
+    audio = _render(list(zip(texts, voices)))
+    train_like = part in ("train", "calib")
+    snr = np.full(len(audio), np.inf)
+    if train_like:
+        aug = V.Augmenter(seed + PARTS.index(part), float(r["clean_fraction"]), r["snr_db"], float(r["rir_fraction"]))
+        for i, a in enumerate(audio):
+            audio[i], snr[i] = aug(a, i)
 
-    def jobs(sl, variants, reps):
-        out = []
-        for s in sl:
-            for _ in range(reps):
-                v = f"{rng.choice(ACCENTS)}+{rng.choice(variants)}"
-                out.append((s, v, int(rng.integers(130, 211)), int(rng.integers(25, 76))))
-        return out
-
-    tr_jobs = jobs(train_s, TRAIN_VARIANTS, int(r["train_renditions"]))
-    te_jobs = jobs(test_s, TEST_VARIANTS, int(r["test_renditions"]))
-    tr_audio = _render(tr_jobs)
-    te_audio = _render(te_jobs)
-    lo, hi = r["snr_db"]
-    tr_snr = np.where(rng.random(len(tr_jobs)) < float(r["clean_fraction"]), np.inf,
-                      rng.uniform(float(lo), float(hi), len(tr_jobs)))
-    tr_feats = [fbank(a if np.isinf(s) else add_noise(a, float(s), rng)) for a, s in zip(tr_audio, tr_snr)]
-    te_feats = [fbank(a) for a in te_audio]
-    te_noisy = [fbank(add_noise(a, float(r["test_snr_db"]), rng)) for a in te_audio]
-
-    def mk(feats, js, audio, snr):
-        return SpeechSet(feats, [j[0] for j in js], [j[1] for j in js], np.asarray(snr, np.float64),
+    def mk(feats, snr_db):
+        return SpeechSet(feats, list(texts), [v.label for v in voices], np.asarray(snr_db, np.float64),
                          np.array([len(a) / SAMPLE_RATE for a in audio]))
 
-    train = mk(tr_feats, tr_jobs, tr_audio, tr_snr)
-    test = mk(te_feats, te_jobs, te_audio, np.full(len(te_jobs), np.inf))
-    noisy = mk(te_noisy, te_jobs, te_audio, np.full(len(te_jobs), float(r["test_snr_db"])))
-    arrays = {**{"train_" + k: v for k, v in _pack(train).items()}, **{"test_" + k: v for k, v in _pack(test).items()},
-              **{"noisy_" + k: v for k, v in _pack(noisy).items()},
-              "audio": (np.concatenate(te_audio).clip(-1, 1) * 32767).astype(np.int16),
-              "audio_lens": np.array([len(a) for a in te_audio], np.int64)}
+    s = mk([fbank(a) for a in audio], snr)
+    arrays = {"s_" + k: v for k, v in _pack(s).items()}
+    noisy = None
+    if part == "sentences":
+        noisy = mk([fbank(add_noise(a, float(r["test_snr_db"]), rng)) for a in audio], np.full(len(audio), float(r["test_snr_db"])))
+        arrays.update({"noisy_" + k: v for k, v in _pack(noisy).items()})
+    if not train_like:
+        arrays["audio"] = (np.concatenate(audio).clip(-1, 1) * 32767).astype(np.int16)
+        arrays["audio_lens"] = np.array([len(a) for a in audio], np.int64)
     with atomic_file(path, suffix=".npz") as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, **arrays)
-    return SpeechCorpus(train, test, noisy, te_audio, r)
+    return s, noisy, (None if train_like else audio)
 
 
 def check_audio_file(path: str | Path):
