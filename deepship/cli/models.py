@@ -295,17 +295,21 @@ def distill_cmd(teacher: str = typer.Argument(..., help=MODEL_HELP),
 
 @app.command("finetune")
 @user_errors
-def finetune_cmd(model: str = typer.Argument("gpt", help="a gpt-family decoder (gpt, gpt-draft)"),
+def finetune_cmd(model: str = typer.Argument("gpt", help="a gpt-family decoder (gpt, gpt-draft), or asr (a voice's "
+                                            "recordings)"),
                  lora: bool = typer.Option(True, "--lora/--no-lora", help="train LoRA adapters (Hu et al. 2021) "
                                            "on the frozen FP32 base"),
                  qlora: bool = typer.Option(False, "--qlora", help="QLoRA (Dettmers et al. 2023): the base's linear "
                                             "weights in NF4 with double quantization (bitsandbytes), adapters FP32"),
                  text: str = typer.Option("python-docs", "--train-data", help="the new text: python-docs (Debian "
-                                          "python3.11-doc's tutorial) or a UTF-8 .txt file; last 10% held out"),
+                                          "python3.11-doc's tutorial) or a UTF-8 .txt file; last 10% held out. "
+                                          "asr: a TSV of 'audio path<TAB>transcript' lines"),
+                 eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="asr: held-out recordings of the "
+                                                          "same voice (TSV) for CER before/after"),
                  rank: int = typer.Option(4, help="LoRA rank r"),
                  alpha: float = typer.Option(8.0, help="LoRA alpha (the update is scaled by alpha / r)"),
-                 targets: str = typer.Option("qkv,proj,fc", help="comma-separated linear layers to adapt "
-                                             "(the GPT's: qkv, proj, fc, out)"),
+                 targets: Optional[str] = typer.Option(None, help="comma-separated linear layers to adapt "
+                                                       "(default: the GPT's qkv,proj,fc; the recognizer's qkv,proj,pw1,pw2)"),
                  steps: int = typer.Option(300, help="optimizer steps"),
                  lr: float = typer.Option(2e-3, help="AdamW learning rate"),
                  batch_size: int = typer.Option(4, help="windows per step"),
@@ -324,7 +328,9 @@ def finetune_cmd(model: str = typer.Argument("gpt", help="a gpt-family decoder (
 
     if not lora and not qlora:
         raise InputSpecError("--no-lora leaves nothing to train; drop it, or pass --qlora")
-    opts = LoraOptions(rank=rank, alpha=alpha, targets=[t.strip() for t in targets.split(",") if t.strip()],
+    if model == "asr":
+        return _finetune_asr(text, eval_data, rank, alpha, targets, steps, lr, batch_size, threads, output)
+    opts = LoraOptions(rank=rank, alpha=alpha, targets=[t.strip() for t in (targets or "qkv,proj,fc").split(",") if t.strip()],
                        qlora=qlora, steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, threads=threads)
     ctx = load(model, None, None, None)
     dest = check_writable(output or Path("out") / f"{stem(model, None)}-{'qlora' if qlora else 'lora'}")
@@ -343,3 +349,29 @@ def finetune_cmd(model: str = typer.Argument("gpt", help="a gpt-family decoder (
         out.print(f"merged: perplexity {r['merged']['domain_ppl']:.1f}, largest logit difference to the unmerged "
                   f"model {r['merged']['max_abs_logit_diff_vs_unmerged']:.2e}", highlight=False)
     out.print(f"wrote {dest}/ (adapter/, finetune.json{', merged.safetensors' if 'merged' in r else ''})", highlight=False)
+
+
+def _finetune_asr(clips: str, eval_data: Optional[Path], rank: int, alpha: float, targets: Optional[str], steps: int,
+                  lr: float, batch_size: int, threads: Optional[int], output: Optional[Path]) -> None:
+    """``optimize finetune asr --train-data clips.tsv``: LoRA for one voice (deepship.pipeline.finetune.asr)."""
+    from ..errors import InputSpecError
+    from ..pipeline.finetune import LoraOptions
+    from ..pipeline.finetune.asr import ASR_TARGETS, adapt_recognizer
+    from ..utils import check_writable
+
+    if not clips.endswith(".tsv"):
+        raise InputSpecError(f"--train-data {clips}: the recognizer adapts to recordings; give a TSV of "
+                             "'audio path<TAB>transcript' lines")
+    tg = [t.strip() for t in targets.split(",") if t.strip()] if targets else list(ASR_TARGETS)
+    opts = LoraOptions(rank=rank, alpha=alpha, targets=tg, steps=steps, lr=lr, batch_size=batch_size, threads=threads)
+    dest = check_writable(output or Path("out") / "asr-lora")
+    r = adapt_recognizer(load("asr", None, None, None), clips, opts, dest, eval_data,
+                         progress=lambda s: err.print(s, highlight=False))
+    b, a = r["before"], r["after"]
+    out.print(f"lora rank {rank} on {', '.join(tg)}: {r['train']['trainable_params']:,} trainable "
+              f"({r['train']['trainable_share']:.2%}); {r['clips_n']} clips, {r['train_audio_s']:.0f} s of audio; "
+              f"{r['train']['train_s']:.0f} s", highlight=False)
+    if b["voice"] is not None:
+        out.print(f"CER on the voice's held-out clips: {b['voice'] * 100:.2f}% -> {a['voice'] * 100:.2f}%", highlight=False)
+    out.print(f"CER on other voices (held-out sentences): {b['others'] * 100:.2f}% -> {a['others'] * 100:.2f}%; "
+              f"adapter {r['adapter_bytes'] / 1e3:.0f} KB; wrote {dest}/ (adapter/, finetune.json)", highlight=False)
