@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ASR_VOICE = ("flite", "awb")
 
 
-def asr_section(rank: int, steps: int, threads: int, minutes: float) -> dict:
+def asr_section(rank: int, steps: int, threads: int, minutes: float, lr: float = 1e-3) -> dict:
     """LoRA on the recognizer for one unseen voice: ``minutes`` of it speaking training-pool texts
     (never the test sentences), evaluated on the unseen-synthesizer test set's utterances by that voice
     (held-out sentences) and on the held-out sentences by the other voices."""
@@ -44,7 +44,7 @@ def asr_section(rank: int, steps: int, threads: int, minutes: float) -> dict:
     from deepship.models.asr import text as T
     from deepship.models.asr import voices as V
     from deepship.pipeline.finetune import LoraOptions
-    from deepship.pipeline.finetune.asr import ASR_TARGETS, adapt_recognizer
+    from deepship.pipeline.arch.asr_lora import ASR_TARGETS, adapt_recognizer
 
     ctx = api.load("asr")
     c = ctx.spec.train_data()
@@ -72,7 +72,8 @@ def asr_section(rank: int, steps: int, threads: int, minutes: float) -> dict:
         for i in rng.permutation(len(pool)):
             if len(pool[i].split()) < 3:
                 continue
-            a = V.synthesize(pool[i], voice)
+            # the wearer speaks at varying speed (as the test set's Flite voices do)
+            a = V.synthesize(pool[i], V.Voice(voice.engine, voice.name, round(float(rng.uniform(0.8, 1.25)), 2)))
             if total + len(a) / 16000 > minutes * 60:
                 break
             audio.append(a)
@@ -83,7 +84,7 @@ def asr_section(rank: int, steps: int, threads: int, minutes: float) -> dict:
         train = write("train", audio, texts)
         evals = write("eval", [c.audio("unseen_synth")[i] for i in ev], [us.texts[i] for i in ev])
         opts = LoraOptions(rank=rank, alpha=2.0 * rank, targets=list(ASR_TARGETS), steps=steps, batch_size=8,
-                           lr=2e-3, threads=threads)
+                           lr=lr, threads=threads)
         res = adapt_recognizer(ctx, train, opts, td / "out", evals, progress=print)
     res["voice"] = label
     res["bars"] = {
@@ -103,14 +104,15 @@ def main() -> None:
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "lora.json"))
     ap.add_argument("--only", choices=["all", "gpt", "asr"], default="all",
                     help="run one section; the other's results in the file are kept")
-    ap.add_argument("--asr-steps", type=int, default=200)
+    ap.add_argument("--asr-steps", type=int, default=400)
     ap.add_argument("--asr-minutes", type=float, default=4.5)
+    ap.add_argument("--asr-lr", type=float, default=1e-3)
     args = ap.parse_args()
     if args.only == "asr":
         path = Path(args.results)
         res = json.loads(path.read_text()) if path.is_file() else {}
         res["asr"] = {"date": time.strftime("%Y-%m-%d %H:%M"), "loadavg": os.getloadavg(),
-                      **asr_section(args.rank, args.asr_steps, args.threads, args.asr_minutes)}
+                      **asr_section(args.rank, args.asr_steps, args.threads, args.asr_minutes, args.asr_lr)}
         path.write_text(json.dumps(res, indent=2, default=str))
         print(json.dumps(res["asr"]["bars"], indent=1))
         return
@@ -145,7 +147,7 @@ def main() -> None:
                    "merged model is not wired into the report yet"}
     if args.only == "all":
         res["asr"] = {"date": time.strftime("%Y-%m-%d %H:%M"), "loadavg": os.getloadavg(),
-                      **asr_section(args.rank, args.asr_steps, args.threads, args.asr_minutes)}
+                      **asr_section(args.rank, args.asr_steps, args.threads, args.asr_minutes, args.asr_lr)}
     Path(args.results).write_text(json.dumps(res, indent=2, default=str))
     print(json.dumps(bars, indent=1))
 

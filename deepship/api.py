@@ -345,42 +345,6 @@ ASR_VARIANT_ALIASES = AA.VARIANT_ALIASES
 #: smallest (1.4 MB against 1.9 MB) and kept FP32's CER on the held-out voices (benchmarks/asr.py)
 ASR_DEPLOY_VARIANT = "int8-dynamic"
 
-_BUNDLE_README = """# deepship streaming ASR bundle
-
-A streaming speech recognizer for the edge: Conformer + LSTM + CTC over characters, {precision}
-({variant}), {size_kb:.0f} KB. Built by `optimize asr bundle` from deepship's `asr` zoo model.
-
-| file | what |
-|---|---|
-| `model.onnx` | the chunk-step graph: `x` (batch, {chunk_frames}, 80) fbank frames + states -> `log_probs` + next states |
-| `features.json` | fbank settings (kaldi-native-fbank), chunk size, feature mean, state shapes, token table |
-| `tokens.txt` | the CTC token table (`<blk>` = 0; `<space>` is the word separator) |
-| `asr_stream.py` | the runner: needs only `onnxruntime`, `numpy`, `kaldi-native-fbank` |
-| `lm.npz` | a character 4-gram language model (Witten-Bell) for the beam search, counted on the training text |
-
-```bash
-pip install onnxruntime numpy kaldi-native-fbank
-python asr_stream.py model.onnx features.json speech.wav        # 16-bit PCM WAV, any rate, mono/stereo
-```
-
-```python
-from asr_stream import CharLM, Endpointer, FeatureConfig, Stream, open_model
-
-model, cfg = open_model("model.onnx", threads=1), FeatureConfig.load("features.json")
-s = Stream(model, cfg)
-for piece in microphone_pieces():            # float32 mono samples in [-1, 1]
-    s.accept_waveform(piece, 16000)
-    print(s.partial_result())
-print(s.finalize())                          # greedy; s.finalize(beam=8, lm=CharLM.load("lm.npz")): beam + LM
-```
-
-Continuous use: `Endpointer(model, cfg)` splits an endless stream at pauses (energy VAD) and returns
-each utterance's final transcript from `accept_waveform` as it ends.
-
-Streaming: {chunk_ms:.0f} ms chunks, no lookahead; algorithmic latency {alg_ms:.0f} ms (chunk + fbank
-window overhang). Each `Stream` owns one state (attention K/V cache, convolution cache, LSTM state).
-Measured on the build machine (held-out voices): {measured}
-"""
 
 
 def asr_variant(ctx: ModelContext, variant: str) -> Variant:
@@ -431,7 +395,7 @@ def asr_bundle(out_dir: str | Path, variant: str = ASR_DEPLOY_VARIANT, measure: 
              f"{meas['cer_words'] * 100:.2f}% on isolated unseen words; RTF {meas['rtf_1thread']:.4f} (1 thread), "
              f"per-chunk p50 {meas['chunk_ms_p50']:.3f} ms / p99 {meas['chunk_ms_p99']:.3f} ms."
              if meas else "not measured (bundle built with --no-measure).")
-        (tmp / "README.md").write_text(_BUNDLE_README.format(
+        (tmp / "README.md").write_text(AA.BUNDLE_README.format(
             precision=v.precision.upper(), variant=v.name, size_kb=Path(v.path).stat().st_size / 1024,
             chunk_frames=feats["chunk_frames"], chunk_ms=feats["chunk_ms"], alg_ms=feats["algorithmic_latency_ms"],
             measured=m))

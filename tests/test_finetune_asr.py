@@ -17,7 +17,7 @@ from peft import PeftModel  # noqa: E402
 from deepship.models.asr import data as S  # noqa: E402
 from deepship.models.asr import voices as V  # noqa: E402
 from deepship.pipeline import finetune as FT  # noqa: E402
-from deepship.pipeline.finetune import asr as FA  # noqa: E402
+from deepship.pipeline.arch import asr_lora as FA  # noqa: E402
 
 needs_flite = pytest.mark.skipif(not (S.speech_tools_available()), reason="the speech synthesizers are not installed "
                                  "(make install does it)")

@@ -353,10 +353,10 @@ def finetune_cmd(model: str = typer.Argument("gpt", help="a gpt-family decoder (
 
 def _finetune_asr(clips: str, eval_data: Optional[Path], rank: int, alpha: float, targets: Optional[str], steps: int,
                   lr: float, batch_size: int, threads: Optional[int], output: Optional[Path]) -> None:
-    """``optimize finetune asr --train-data clips.tsv``: LoRA for one voice (deepship.pipeline.finetune.asr)."""
+    """``optimize finetune asr --train-data clips.tsv``: LoRA for one voice (deepship.pipeline.arch.asr_lora)."""
     from ..errors import InputSpecError
     from ..pipeline.finetune import LoraOptions
-    from ..pipeline.finetune.asr import ASR_TARGETS, adapt_recognizer
+    from ..pipeline.arch.asr_lora import ASR_TARGETS, adapt_recognizer
     from ..utils import check_writable
 
     if not clips.endswith(".tsv"):

@@ -155,8 +155,9 @@ def asr_transcribe_cmd(audio: Path = typer.Argument(..., help="audio file (WAV/F
     res = api.transcribe(audio, variant=variant, stream=stream, beam=beam, threads=threads, endpoint=endpoint, lm=lm,
                          on_partial=(lambda t: err.print(f"... {t}", highlight=False, markup=False))
                          if stream or endpoint else None,
-                         on_segment=(lambda s: out.print(f"{s['start_s']:.2f}-{s['end_s']:.2f}\t{s['text']}", highlight=False,
-                                                         markup=False)) if endpoint and not as_json else None)
+                         # plain print: rich would expand the tab that scripts split on
+                         on_segment=(lambda s: print(f"{s['start_s']:.2f}-{s['end_s']:.2f}\t{s['text']}", flush=True))
+                         if endpoint and not as_json else None)
     if as_json:
         print(json.dumps(res))
         return

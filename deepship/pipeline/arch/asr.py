@@ -72,6 +72,45 @@ def stream_config():
     return FeatureConfig(feature_config())
 
 
+#: the README.md of ``optimize asr bundle`` (:func:`deepship.api.asr_bundle` fills it in)
+BUNDLE_README = """# deepship streaming ASR bundle
+
+A streaming speech recognizer for the edge: Conformer + LSTM + CTC over characters, {precision}
+({variant}), {size_kb:.0f} KB. Built by `optimize asr bundle` from deepship's `asr` zoo model.
+
+| file | what |
+|---|---|
+| `model.onnx` | the chunk-step graph: `x` (batch, {chunk_frames}, 80) fbank frames + states -> `log_probs` + next states |
+| `features.json` | fbank settings (kaldi-native-fbank), chunk size, feature mean, state shapes, token table |
+| `tokens.txt` | the CTC token table (`<blk>` = 0; `<space>` is the word separator) |
+| `asr_stream.py` | the runner: needs only `onnxruntime`, `numpy`, `kaldi-native-fbank` |
+| `lm.npz` | a character 4-gram language model (Witten-Bell) for the beam search, counted on the training text |
+
+```bash
+pip install onnxruntime numpy kaldi-native-fbank
+python asr_stream.py model.onnx features.json speech.wav        # 16-bit PCM WAV, any rate, mono/stereo
+```
+
+```python
+from asr_stream import CharLM, Endpointer, FeatureConfig, Stream, open_model
+
+model, cfg = open_model("model.onnx", threads=1), FeatureConfig.load("features.json")
+s = Stream(model, cfg)
+for piece in microphone_pieces():            # float32 mono samples in [-1, 1]
+    s.accept_waveform(piece, 16000)
+    print(s.partial_result())
+print(s.finalize())                          # greedy; s.finalize(beam=8, lm=CharLM.load("lm.npz")): beam + LM
+```
+
+Continuous use: `Endpointer(model, cfg)` splits an endless stream at pauses (energy VAD) and returns
+each utterance's final transcript from `accept_waveform` as it ends.
+
+Streaming: {chunk_ms:.0f} ms chunks, no lookahead; algorithmic latency {alg_ms:.0f} ms (chunk + fbank
+window overhang). Each `Stream` owns one state (attention K/V cache, convolution cache, LSTM state).
+Measured on the build machine (held-out voices): {measured}
+"""
+
+
 #: the report's test sets (:data:`deepship.models.asr.data.TEST_SETS`): column suffix -> corpus part
 SET_COLUMNS = {"unseen_synth": "unseen_synth", "words": "words"}
 

@@ -1,7 +1,7 @@
 """ASR personalization: LoRA on the streaming recognizer for one voice (a hearing aid learns its wearer).
 
 The wearer's recordings (a TSV of ``audio path<TAB>transcript``, a few minutes) train LoRA adapters
-(Hu et al. 2021, Hugging Face PEFT) on the recognizer's attention (``qkv``, ``proj``) and convolution
+(Hu et al. 2021, Hugging Face PEFT, through :mod:`deepship.pipeline.finetune`) on the recognizer's attention (``qkv``, ``proj``) and convolution
 module (``pw1``, ``pw2``) linear layers with CTC loss and SpecAugment; the base stays frozen. The
 adapter (PEFT's format, as :func:`deepship.pipeline.finetune.save_adapter` writes it) is what a device
 downloads; merged, it is an ordinary recognizer that exports to the same streaming graph.
@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from ...errors import DataError, InputSpecError
-from . import LoraOptions, _fit, lora_model, merge, options_dict, save_adapter
+from ..finetune import LoraOptions, _fit, lora_model, merge, options_dict, save_adapter
 
 #: the recognizer's linear layers adapted by default: self-attention and the convolution module's
 #: pointwise layers in every Conformer block (rank 4: 22.5 k parameters, about 90 KB in FP32)
@@ -57,7 +57,7 @@ def read_clips(tsv: str | Path) -> tuple[list[np.ndarray], list[str]]:
 
 def _cer(model: nn.Module, feats: list[np.ndarray], texts: list[str]) -> float:
     from ...models.asr import DEFAULT, feature_mean, stream_batch, torch_run
-    from ..arch.asr import error_rates, greedy_text
+    from .asr import error_rates, greedy_text
 
     lps = stream_batch(torch_run(model), feats, DEFAULT, feature_mean())
     return error_rates([greedy_text(lp) for lp in lps], texts)["cer"]
