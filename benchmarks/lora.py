@@ -35,8 +35,6 @@ def asr_section(rank: int, steps: int, threads: int, minutes: float, lr: float =
     """LoRA on the recognizer for one unseen voice: ``minutes`` of it speaking training-pool texts
     (never the test sentences), evaluated on the unseen-synthesizer test set's utterances by that voice
     (held-out sentences) and on the held-out sentences by the other voices."""
-    import wave
-
     import numpy as np
 
     from deepship import api
@@ -59,11 +57,7 @@ def asr_section(rank: int, steps: int, threads: int, minutes: float, lr: float =
         def write(name, audio, texts):
             lines = []
             for i, (a, t) in enumerate(zip(audio, texts)):
-                with wave.open(str(td / f"{name}{i}.wav"), "wb") as w:
-                    w.setnchannels(1)
-                    w.setsampwidth(2)
-                    w.setframerate(16000)
-                    w.writeframes((np.clip(a, -1, 1) * 32767).astype("<i2").tobytes())
+                S.write_wav(td / f"{name}{i}.wav", a)
                 lines.append(f"{name}{i}.wav\t{t}")
             (td / f"{name}.tsv").write_text("\n".join(lines) + "\n")
             return td / f"{name}.tsv"

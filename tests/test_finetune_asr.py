@@ -4,9 +4,7 @@ PEFT's format, merged = unmerged, the CLI and its one-line errors. The bars (CER
 from __future__ import annotations
 
 import json
-import wave
 
-import numpy as np
 import pytest
 import torch
 
@@ -27,12 +25,7 @@ def write_clips(folder, texts, voice):
     folder.mkdir(parents=True, exist_ok=True)
     lines = []
     for i, t in enumerate(texts):
-        a = V.synthesize(t, voice)
-        with wave.open(str(folder / f"c{i}.wav"), "wb") as w:
-            w.setnchannels(1)
-            w.setsampwidth(2)
-            w.setframerate(16000)
-            w.writeframes((np.clip(a, -1, 1) * 32767).astype("<i2").tobytes())
+        S.write_wav(folder / f"c{i}.wav", V.synthesize(t, voice))
         lines.append(f"c{i}.wav\t{t}")
     (folder / "clips.tsv").write_text("\n".join(lines) + "\n")
     return folder / "clips.tsv"

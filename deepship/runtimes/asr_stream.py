@@ -228,6 +228,22 @@ def ctc_prefix_beam_search(log_probs: np.ndarray, beam: int = 8, prune: float = 
     return list(max(beams.items(), key=lambda kv: lse(*kv[1]) + fused(kv[0]))[0])
 
 
+def check_samples(samples: np.ndarray, sample_rate: int) -> np.ndarray:
+    """``samples`` as float32 ``(n,)``.
+
+    Raises:
+        ValueError: non-mono or non-finite samples, or a non-positive ``sample_rate``.
+    """
+    x = np.asarray(samples, np.float32)
+    if x.ndim != 1:
+        raise ValueError(f"samples must be mono, shape (n,); got shape {x.shape} (average the channels)")
+    if int(sample_rate) <= 0:
+        raise ValueError(f"sample_rate must be positive, got {sample_rate}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("samples hold NaN or infinite values")
+    return x
+
+
 def _resample_linear(x: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
     if sr_in == sr_out or len(x) == 0:
         return x
@@ -273,13 +289,7 @@ class Stream:
         """
         if self.finished:
             raise ValueError("this stream is finalized; create a new Stream for the next utterance")
-        x = np.asarray(samples, np.float32)
-        if x.ndim != 1:
-            raise ValueError(f"samples must be mono, shape (n,); got shape {x.shape} (average the channels)")
-        if int(sample_rate) <= 0:
-            raise ValueError(f"sample_rate must be positive, got {sample_rate}")
-        if not np.all(np.isfinite(x)):
-            raise ValueError("samples hold NaN or infinite values")
+        x = check_samples(samples, sample_rate)
         if len(x) == 0:
             return
         x = self.resampler(x, int(sample_rate), self.cfg.sample_rate)
@@ -394,13 +404,7 @@ class Endpointer:
         Raises:
             ValueError: non-mono or non-finite samples, or a non-positive rate (as :meth:`Stream.accept_waveform`).
         """
-        x = np.asarray(samples, np.float32)
-        if x.ndim != 1:
-            raise ValueError(f"samples must be mono, shape (n,); got shape {x.shape} (average the channels)")
-        if int(sample_rate) <= 0:
-            raise ValueError(f"sample_rate must be positive, got {sample_rate}")
-        if not np.all(np.isfinite(x)):
-            raise ValueError("samples hold NaN or infinite values")
+        x = check_samples(samples, sample_rate)
         self.buf = np.concatenate([self.buf, self.resampler(x, int(sample_rate), self.cfg.sample_rate)])
         done = []
         k = len(self.buf) // self.frame

@@ -312,6 +312,18 @@ def _build_part(r: dict, part: str, path: Path, progress) -> tuple[SpeechSet, Sp
     return s, noisy, (None if train_like else audio)
 
 
+def write_wav(path: str | Path, x: np.ndarray, rate: int = SAMPLE_RATE) -> Path:
+    """Write float32 mono ``x`` in [-1, 1] as a 16-bit PCM WAV file (clipped); returns ``path``."""
+    import wave
+
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((np.clip(np.asarray(x, np.float32), -1, 1) * 32767).astype("<i2").tobytes())
+    return Path(path)
+
+
 def check_audio_file(path: str | Path):
     """The ``soundfile.info`` of ``path``; raises :class:`DataError` unless it is a readable audio file
     with at least one sample."""
