@@ -52,7 +52,7 @@ def espeak_available() -> bool:
 def speech_tools_available() -> bool:
     """Whether every synthesizer and text source of the corpus is installed (espeak-ng, Festival, Flite,
     bible-kjv, python3.11-doc, wamerican)."""
-    return all(V.available(e) for e in V._EXE) and T.WORDS_FILE.is_file() and T.PYDOCS.is_dir() and \
+    return all(V.available(e) for e in V.PROGRAMS) and T.WORDS_FILE.is_file() and T.PYDOCS.is_dir() and \
         shutil.which("bible") is not None
 
 

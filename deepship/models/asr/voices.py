@@ -43,8 +43,9 @@ FLITE_VOICES = ["kal", "kal16", "awb", "rms", "slt"]
 #: synthesizer -> share of the training utterances it speaks
 TRAIN_ENGINES = {"espeak": 0.6, "festival": 0.4}
 UNSEEN_ENGINE = "flite"
-_EXE = {"espeak": "espeak-ng", "festival": "text2wave", "flite": "flite"}
-_PKG = {"espeak": "espeak-ng", "festival": "festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts",
+#: synthesizer -> its program, and the Debian packages that install it
+PROGRAMS = {"espeak": "espeak-ng", "festival": "text2wave", "flite": "flite"}
+PACKAGES = {"espeak": "espeak-ng", "festival": "festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts",
         "flite": "flite"}
 
 
@@ -65,15 +66,15 @@ class Voice:
 
 def available(engine: str) -> bool:
     """Whether ``engine``'s program is installed."""
-    return shutil.which(_EXE[engine]) is not None
+    return shutil.which(PROGRAMS[engine]) is not None
 
 
 def require(engines) -> None:
     """Raises :class:`DataError` naming the Debian packages of any engine in ``engines`` that is missing."""
     missing = [e for e in engines if not available(e)]
     if missing:
-        pkgs = " ".join(_PKG[e] for e in missing)
-        raise DataError(f"{', '.join(_EXE[e] for e in missing)} not installed; the ASR corpus needs it: "
+        pkgs = " ".join(PACKAGES[e] for e in missing)
+        raise DataError(f"{', '.join(PROGRAMS[e] for e in missing)} not installed; the ASR corpus needs it: "
                         f"apt-get install -y {pkgs} (make install does it)")
 
 
@@ -106,7 +107,7 @@ def synthesize(text: str, voice: Voice) -> np.ndarray:
         DataError: the synthesizer is not installed or fails (the message names the package).
     """
     require([voice.engine])
-    exe = shutil.which(_EXE[voice.engine])
+    exe = shutil.which(PROGRAMS[voice.engine])
     if voice.engine == "espeak":
         p = subprocess.run([exe, "-v", voice.name, "-s", str(int(voice.rate)), "-p", str(voice.pitch), "--stdout", text],
                            capture_output=True, timeout=60)
@@ -126,8 +127,8 @@ def synthesize(text: str, voice: Voice) -> np.ndarray:
             cmd += ["--setf", f"int_f0_target_mean={voice.pitch}"] if voice.pitch else []
             p = subprocess.run(cmd + ["-t", text, "-o", str(out)], capture_output=True, timeout=120)
         if p.returncode != 0 or not out.is_file():
-            raise DataError(f"{_EXE[voice.engine]} failed for voice {voice.name}: {p.stderr.decode(errors='replace')[:120]}")
-        return _read_wav(out, f"{_EXE[voice.engine]} ({voice.name})")
+            raise DataError(f"{PROGRAMS[voice.engine]} failed for voice {voice.name}: {p.stderr.decode(errors='replace')[:120]}")
+        return _read_wav(out, f"{PROGRAMS[voice.engine]} ({voice.name})")
 
 
 def resample(x: np.ndarray, sr_in: int, sr_out: int = SAMPLE_RATE) -> np.ndarray:
