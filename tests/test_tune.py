@@ -47,6 +47,24 @@ def test_quantizable_layers_have_names_and_costs(zoo_ctx):
     assert max(layers, key=lambda x: x.macs).op == "Conv"
 
 
+def test_gemm_macs_read_the_reduction_axis_under_transb(tmp_path):
+    """x (1, 64) -> Gemm with B (16, 64), transB=1 -> MatMul with W (16, 8): 64*16 and 16*8 MACs per sample."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    b = numpy_helper.from_array(np.ones((16, 64), np.float32), "B")
+    w = numpy_helper.from_array(np.ones((16, 8), np.float32), "W")
+    g = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "B"], ["h"], name="fc1", transB=1),
+         helper.make_node("MatMul", ["h", "W"], ["y"], name="fc2")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])], [b, w])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    macs = {x.name: x.macs for x in Q.quantizable_layers(str(path))}
+    assert macs == {"fc1": 64 * 16, "fc2": 16 * 8}
+
+
 class _FakeTuner(T.Tuner):
     """A tuner whose trials are computed, not built: the metric drops unless every layer of
     ``critical`` stays in float; a layer's sensitivity drop is known. Checks the ranking and bisection."""

@@ -94,6 +94,8 @@ def quantizable_layers(onnx_path: str | Path) -> list[Layer]:
         per_sample = float(np.prod(y[1:])) if len(y) > 1 else 1.0
         if n.op_type == "Conv":
             red = float(np.prod(w[1:]))
+        elif n.op_type == "Gemm" and w and any(a.name == "transB" and a.i for a in n.attribute):
+            red = float(w[1])  # B is (N, K) under transB=1: the reduction runs over its second axis
         else:
             red = float(w[0]) if w else 1.0
         out.append(Layer(n.name, n.op_type, max(per_sample * red, 1.0)))
